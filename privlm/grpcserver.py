@@ -1,0 +1,101 @@
+"""Building blocks every privlm gRPC server uses: status mapping, health, reflection, bind.
+
+Every service exposes `create_server(config) -> (server, port)`; tests bind port 0.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Awaitable, Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from privlm.errors import status_for
+
+log = logging.getLogger("privlm.grpc")
+
+
+class StatusInterceptor(grpc.aio.ServerInterceptor):
+    """Map exceptions escaping a servicer to gRPC status codes, by type (privlm.errors)."""
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details):
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+
+        def wrap_unary(fn):
+            async def call(request, context):
+                try:
+                    return await fn(request, context)
+                except Exception as exc:  # noqa: BLE001 - mapped, never leaked raw
+                    await _abort(context, exc, method)
+            return call
+
+        def wrap_stream(fn):
+            async def call(request_or_iterator, context):
+                try:
+                    async for item in fn(request_or_iterator, context):
+                        yield item
+                except Exception as exc:  # noqa: BLE001
+                    await _abort(context, exc, method)
+            return call
+
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                wrap_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                wrap_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                wrap_unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer)
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                wrap_stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer)
+        return handler
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
+    # context.abort raises an AbortError itself; let that one through untouched.
+    if isinstance(exc, grpc.aio.AbortError) or type(exc).__name__ == "AbortError":
+        raise exc
+    code, message = status_for(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        log.exception("unhandled error in %s", method)
+    else:
+        log.info("%s -> %s: %s", method, code.name, message)
+    await context.abort(code, message)
+
+
+def add_health_and_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> health.HealthServicer:
+    """Register grpc.health.v1 and reflection; returns the health servicer (set statuses on it)."""
+    names = list(service_names)
+    health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(names + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    return health_servicer
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def new_server(interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+               max_message_bytes: int = 8 * 1024 * 1024) -> grpc.aio.Server:
+    """An aio server with status mapping outermost-but-one (caller interceptors run first)."""
+    options = [("grpc.max_receive_message_length", max_message_bytes),
+               ("grpc.max_send_message_length", max_message_bytes),
+               ("grpc.so_reuseport", 0)]
+    return grpc.aio.server(interceptors=[*interceptors, StatusInterceptor()], options=options)
+
+
+def bind(server: grpc.aio.Server, host: str, port: int,
+         credentials: grpc.ServerCredentials | None = None) -> int:
+    """Bind host:port (0 picks a free port) and return the bound port; fail loudly if it can't."""
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    if bound == 0:
+        raise OSError(f"could not bind gRPC server to {address}")
+    return bound

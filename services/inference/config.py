@@ -1,0 +1,45 @@
+"""Configuration of the worker group: the engine (model, parallelism, KV cache) and its server."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from privlm.config import check
+
+BACKENDS = ("native", "deepspeed")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str                              # path to a Hugging Face model folder
+    tp: int = 1                             # tensor-parallel ranks (one OS process each)
+    backend: str = "native"                 # "native" or "deepspeed"
+    dtype: str = "bfloat16"
+    device: str = "cpu"                     # "cpu" (gloo) or "cuda" (NCCL)
+    max_num_seqs: int = 32                  # running batch size cap
+    max_num_batched_tokens: int = 512       # tokens per step: the chunked-prefill budget
+    block_size: int = 16                    # tokens per KV block
+    num_kv_blocks: int | None = None        # None: sized from kv_cache_bytes
+    kv_cache_bytes: int = 512 * 1024 * 1024
+    max_queue: int = 256                    # waiting requests before RESOURCE_EXHAUSTED
+    max_model_len: int | None = None        # None: the model's context window
+    threads: int | None = None              # torch threads per rank; None: cores / tp
+
+    def __post_init__(self):
+        check(self.tp >= 1, f"tp must be >= 1, got {self.tp}")
+        check(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        check(self.device in ("cpu", "cuda"), f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        check(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
+        check(self.max_num_batched_tokens >= 16, "max_num_batched_tokens must be >= 16")
+        check(self.block_size >= 1, "block_size must be >= 1")
+        check(self.max_queue >= 1, "max_queue must be >= 1")
+
+
+@dataclass(frozen=True)
+class WorkerServerConfig:
+    engine: EngineConfig
+    host: str = "127.0.0.1"
+    port: int = 0
+    grace_seconds: float = 10.0
+    max_message_bytes: int = 8 * 1024 * 1024
