@@ -1,0 +1,33 @@
+"""Gateway configuration: which models it serves and where their worker groups are."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from privlm.config import check
+
+
+@dataclass(frozen=True)
+class ModelRoute:
+    model_dir: str          # Hugging Face folder: the gateway loads only its tokenizer files
+    worker_target: str      # host:port of the worker group's rank 0
+    model_id: str = ""      # empty: the folder name
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    models: tuple[ModelRoute, ...]           # the first one is the default model
+    host: str = "127.0.0.1"
+    port: int = 0
+    default_max_new_tokens: int = 256
+    max_new_tokens_limit: int = 4096
+    max_stop_sequences: int = 16
+    max_stop_length: int = 256
+    max_prompt_chars: int = 1_000_000
+    max_message_bytes: int = 8 * 1024 * 1024
+    grace_seconds: float = 10.0
+
+    def __post_init__(self):
+        check(len(self.models) >= 1, "gateway needs at least one model route")
+        check(self.default_max_new_tokens >= 1, "default_max_new_tokens must be >= 1")
+        check(self.max_new_tokens_limit >= self.default_max_new_tokens,
+              "max_new_tokens_limit must be >= default_max_new_tokens")

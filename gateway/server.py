@@ -1,0 +1,146 @@
+"""The public gRPC server (privlm.v1.Inference): a thin adapter over GatewayService."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+from pathlib import Path
+
+import grpc
+
+from gateway.config import GatewayConfig, ModelRoute
+from gateway.service import Chunk, GatewayService, GenerateInput
+from privlm.grpcserver import SERVING, add_health_and_reflection, bind, new_server
+from privlm.v1 import inference_pb2 as pb
+from privlm.v1 import inference_pb2_grpc as pb_grpc
+
+log = logging.getLogger("privlm.gateway")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+FINISH = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP,
+          "eos": pb.FINISH_REASON_END_OF_SEQUENCE, "cancelled": pb.FINISH_REASON_CANCELLED}
+
+
+def input_from_pb(req: pb.GenerateRequest | pb.TokenizeRequest, tenant: str = "") -> GenerateInput:
+    which = req.WhichOneof("input")
+    messages = tuple((m.role, m.content) for m in req.chat.messages) if which == "chat" else None
+    prompt = req.prompt if which == "prompt" else None
+    if not isinstance(req, pb.GenerateRequest):
+        return GenerateInput(model=req.model, prompt=prompt, messages=messages, tenant=tenant)
+    s = req.sampling
+    return GenerateInput(
+        model=req.model, prompt=prompt, messages=messages,
+        max_new_tokens=s.max_new_tokens if s.HasField("max_new_tokens") else None,
+        temperature=s.temperature if s.HasField("temperature") else None,
+        top_p=s.top_p if s.HasField("top_p") else None,
+        top_k=s.top_k if s.HasField("top_k") else None,
+        seed=s.seed if s.HasField("seed") else None,
+        stop=tuple(s.stop), request_id=req.request_id, tenant=tenant)
+
+
+def _usage(c: Chunk) -> pb.Usage:
+    return pb.Usage(prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens)
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    def __init__(self, service: GatewayService):
+        self.service = service
+
+    async def GenerateStream(self, request, context):
+        inp = input_from_pb(request)
+        model = inp.model or self.service.default_model
+        async for c in self.service.generate(inp, timeout=context.time_remaining()):
+            msg = pb.GenerateStreamResponse(text=c.text, token_ids=c.token_ids)
+            if c.finish:
+                msg.finish_reason = FINISH[c.finish]
+                msg.usage.CopyFrom(_usage(c))
+                msg.model = model
+                msg.request_id = request.request_id
+            yield msg
+
+    async def Generate(self, request, context):
+        inp = input_from_pb(request)
+        texts, ids, last = [], [], None
+        async for c in self.service.generate(inp, timeout=context.time_remaining()):
+            texts.append(c.text)
+            ids.extend(c.token_ids)
+            last = c
+        return pb.GenerateResponse(text="".join(texts), token_ids=ids, finish_reason=FINISH[last.finish],
+                                   usage=_usage(last), model=inp.model or self.service.default_model,
+                                   request_id=request.request_id)
+
+    async def Tokenize(self, request, context):
+        handle, ids = self.service.tokenize(input_from_pb(request))
+        return pb.TokenizeResponse(token_ids=ids, tokens=handle.tokenizer.tokens(ids), count=len(ids),
+                                   context_window=handle.info.context_window)
+
+    async def ListModels(self, request, context):
+        out = pb.ListModelsResponse()
+        for mid, h in self.service.models.items():
+            i = h.info
+            out.models.add(id=mid, architecture=i.architecture, context_window=i.context_window, dtype=i.dtype,
+                           tensor_parallel=i.tensor_parallel, parameters=i.parameters,
+                           is_default=(mid == self.service.default_model), backend=i.backend)
+        return out
+
+
+async def create_server(config: GatewayConfig, server_interceptors=(), client_interceptors=(),
+                        extra_services=None):
+    """Build (not start) the gateway: returns (server, port, service, health).
+
+    Connects to every worker group first (Describe), so a started gateway knows each model's
+    context window. `extra_services(server, generate_stream) -> [service names]` mounts more
+    servicers (the confidential-compute layer) on the same server.
+    """
+    service = GatewayService(config, client_interceptors)
+    await service.connect()
+    server = new_server(server_interceptors, config.max_message_bytes)
+    servicer = InferenceServicer(service)
+    pb_grpc.add_InferenceServicer_to_server(servicer, server)
+    names = [SERVICE_NAME]
+    if extra_services is not None:
+        names += extra_services(server, servicer.GenerateStream)
+    health = add_health_and_reflection(server, names)
+    port = bind(server, config.host, config.port)
+    for name in ["", *names]:
+        await health.set(name, SERVING)
+    return server, port, service, health
+
+
+async def serve(config: GatewayConfig, ready_file: Path | None = None) -> None:
+    server, port, service, health = await create_server(config)
+    await server.start()
+    log.info("gateway serving on %s:%d, models %s", config.host, port, list(service.models))
+    if ready_file:
+        ready_file.write_text(json.dumps({"port": port}))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("gateway draining (grace %.1fs)", config.grace_seconds)
+    await health.enter_graceful_shutdown()
+    await server.stop(config.grace_seconds)
+    await service.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="privlm gateway", description="Run the public gRPC gateway.")
+    ap.add_argument("--model", default=None, help="model folder (tokenizer); default: the embedded model")
+    ap.add_argument("--model-id", default="")
+    ap.add_argument("--worker", required=True, help="host:port of the worker group's rank 0")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--ready-file", type=Path, default=None)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    model = args.model
+    if model is None:
+        from privlm.model_prep import default_model_dir
+
+        model = str(default_model_dir())
+    cfg = GatewayConfig(models=(ModelRoute(model, args.worker, args.model_id),), host=args.host, port=args.port)
+    asyncio.run(serve(cfg, args.ready_file))
+    return 0

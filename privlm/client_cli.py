@@ -1,0 +1,118 @@
+"""`privlm generate`, `privlm chat`, `privlm models`: small clients of the public gateway API."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import grpc
+
+from privlm.v1 import inference_pb2 as pb
+from privlm.v1 import inference_pb2_grpc as pb_grpc
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+FINISH_NAMES = {v: k for k, v in pb.FinishReason.items()}
+
+
+def _common(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--target", default=DEFAULT_TARGET, help=f"gateway address (default {DEFAULT_TARGET})")
+    ap.add_argument("--model", default="")
+    ap.add_argument("--max-new-tokens", type=int, default=None)
+    ap.add_argument("--temperature", type=float, default=None)
+    ap.add_argument("--top-p", type=float, default=None)
+    ap.add_argument("--top-k", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--stop", action="append", default=[])
+    ap.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
+
+
+def _sampling(args) -> pb.SamplingParams:
+    s = pb.SamplingParams(stop=args.stop)
+    for field, value in (("max_new_tokens", args.max_new_tokens), ("temperature", args.temperature),
+                         ("top_p", args.top_p), ("top_k", args.top_k), ("seed", args.seed)):
+        if value is not None:
+            setattr(s, field, value)
+    return s
+
+
+def stream_answer(stub, request: pb.GenerateRequest, timeout: float, out=sys.stdout) -> tuple[str, object]:
+    """Print text chunks as they arrive; return (full text, last message)."""
+    parts, last = [], None
+    for msg in stub.GenerateStream(request, timeout=timeout):
+        if msg.text:
+            out.write(msg.text)
+            out.flush()
+            parts.append(msg.text)
+        last = msg
+    out.write("\n")
+    return "".join(parts), last
+
+
+def _fail(err: grpc.RpcError) -> int:
+    print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+    return 1
+
+
+def generate_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="privlm generate", description="Ask the gateway one question.")
+    ap.add_argument("text")
+    ap.add_argument("--raw", action="store_true", help="send as a raw prompt, without the chat template")
+    _common(ap)
+    args = ap.parse_args(argv)
+    req = pb.GenerateRequest(model=args.model, sampling=_sampling(args))
+    if args.raw:
+        req.prompt = args.text
+    else:
+        req.chat.messages.add(role="user", content=args.text)
+    with grpc.insecure_channel(args.target) as ch:
+        try:
+            _, last = stream_answer(pb_grpc.InferenceStub(ch), req, args.timeout)
+        except grpc.RpcError as err:
+            return _fail(err)
+    print(f"[{FINISH_NAMES[last.finish_reason]}; prompt {last.usage.prompt_tokens} tokens, "
+          f"completion {last.usage.completion_tokens} tokens]", file=sys.stderr)
+    return 0
+
+
+def chat_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="privlm chat", description="Chat with the gateway (empty line or Ctrl-D ends).")
+    ap.add_argument("--system", default=None)
+    _common(ap)
+    args = ap.parse_args(argv)
+    history: list[tuple[str, str]] = [("system", args.system)] if args.system else []
+    with grpc.insecure_channel(args.target) as ch:
+        stub = pb_grpc.InferenceStub(ch)
+        while True:
+            try:
+                line = input("you> ").strip()
+            except (EOFError, KeyboardInterrupt):
+                print()
+                return 0
+            if not line:
+                return 0
+            history.append(("user", line))
+            req = pb.GenerateRequest(model=args.model, sampling=_sampling(args))
+            for role, content in history:
+                req.chat.messages.add(role=role, content=content)
+            print("model> ", end="", flush=True)
+            try:
+                text, _ = stream_answer(stub, req, args.timeout)
+            except grpc.RpcError as err:
+                _fail(err)
+                history.pop()
+                continue
+            history.append(("assistant", text))
+
+
+def models_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="privlm models")
+    ap.add_argument("--target", default=DEFAULT_TARGET)
+    args = ap.parse_args(argv)
+    with grpc.insecure_channel(args.target) as ch:
+        try:
+            resp = pb_grpc.InferenceStub(ch).ListModels(pb.ListModelsRequest(), timeout=10)
+        except grpc.RpcError as err:
+            return _fail(err)
+    for m in resp.models:
+        print(f"{m.id}{' (default)' if m.is_default else ''}: {m.architecture}, {m.parameters / 1e6:.1f}M params, "
+              f"{m.dtype}, context {m.context_window}, tp={m.tensor_parallel}, backend={m.backend}")
+    return 0

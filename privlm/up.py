@@ -1,0 +1,211 @@
+"""`privlm up`: start the worker group, the gateway and the HE service as separate processes.
+
+Waits until each reports SERVING over grpc.health.v1, optionally asks the demo question, then
+keeps serving until Ctrl-C / SIGTERM, when it stops every process group it started (no orphans).
+A worker group that dies is restarted on the same port, so the gateway reconnects to it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+log = logging.getLogger("privlm.up")
+DEMO_QUESTION = ("A customer has a balance of 12,400 EUR and monthly card spending of 3,100 EUR. "
+                 "In two sentences, what should the bank's advisor check before raising the card limit?")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    port: int
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+    log_path: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+    def start(self, log_dir: Path) -> None:
+        self.log_path = log_dir / f"{self.name}.log"
+        logf = open(self.log_path, "ab")
+        # Own session: Ctrl-C reaches only `privlm up`, which then stops each group in order.
+        self.proc = subprocess.Popen(self.argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+        logf.close()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, grace: float) -> None:
+        if self.proc is None:
+            return
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0fs: killing", self.name, grace)
+        try:   # whatever is left of its process group (e.g. tensor-parallel ranks)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait()
+
+
+def wait_serving(child: Child, timeout: float) -> None:
+    """Block until the child's gRPC health check says SERVING (or fail with its log tail)."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(f"127.0.0.1:{child.port}") as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            if not child.alive():
+                raise RuntimeError(f"{child.name} exited with code {child.proc.returncode}; "
+                                   f"last log lines:\n{tail(child.log_path)}")
+            try:
+                resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.25)
+    raise RuntimeError(f"{child.name} not SERVING after {timeout:.0f}s; last log lines:\n{tail(child.log_path)}")
+
+
+def tail(path: Path | None, n: int = 15) -> str:
+    if path is None or not path.exists():
+        return "(no log)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+
+
+def build_children(args, model: str) -> list[Child]:
+    py = [sys.executable, "-m", "privlm.cli"]
+    wport = free_port()
+    worker = Child("worker", py + ["worker", "--model", model, "--tp", str(args.tp), "--backend", args.backend,
+                                   "--dtype", args.dtype, "--port", str(wport)], wport)
+    gport = args.port if args.port else free_port()
+    gateway = Child("gateway", py + ["gateway", "--model", model, "--worker", f"127.0.0.1:{wport}",
+                                     "--port", str(gport)], gport)
+    children = [worker, gateway]
+    if not args.no_he:
+        hport = free_port()
+        children.append(Child("he", py + ["he", "--port", str(hport)], hport))
+    return children
+
+
+def run_demo(port: int, question: str) -> None:
+    from privlm.client_cli import stream_answer
+    from privlm.v1 import inference_pb2 as pb
+    from privlm.v1 import inference_pb2_grpc as pb_grpc
+
+    print(f"\nQ: {question}\nA: ", end="", flush=True)
+    req = pb.GenerateRequest(sampling=pb.SamplingParams(max_new_tokens=120))
+    req.chat.messages.add(role="user", content=question)
+    t0 = time.monotonic()
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        _, last = stream_answer(pb_grpc.InferenceStub(ch), req, timeout=300)
+    dt = time.monotonic() - t0
+    print(f"[{last.usage.completion_tokens} tokens in {dt:.1f}s; prompt {last.usage.prompt_tokens} tokens]\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="privlm up", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="Hugging Face model folder (default: the embedded model)")
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--backend", default="native", choices=["native", "deepspeed"])
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--port", type=int, default=50051, help="gateway port (0: pick a free one)")
+    ap.add_argument("--no-he", action="store_true", help="do not start the HE preprocessing service")
+    ap.add_argument("--demo", action="store_true", help="ask the demo banking question once serving")
+    ap.add_argument("--question", default=DEMO_QUESTION)
+    ap.add_argument("--exit-after-demo", action="store_true", help="stop everything after the demo answer")
+    ap.add_argument("--state-file", type=Path, default=None, help="write service ports and pids here (JSON)")
+    ap.add_argument("--log-dir", type=Path, default=None, help="service logs (default: a temp folder)")
+    ap.add_argument("--startup-timeout", type=float, default=300.0)
+    ap.add_argument("--grace", type=float, default=10.0)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    stop_requested = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda s, f: stop_requested.append(s))
+
+    model = args.model
+    if model is None:
+        from privlm.model_prep import prepare
+
+        model = str(prepare())
+    if args.no_he is False:
+        try:
+            import services.he.server  # noqa: F401
+        except ModuleNotFoundError:
+            log.warning("HE service not available in this build: starting without it")
+            args.no_he = True
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="privlm-up-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    children = build_children(args, model)
+    code = 0
+    try:
+        for child in children:
+            if stop_requested:
+                break
+            log.info("starting %s on 127.0.0.1:%d", child.name, child.port)
+            child.start(log_dir)
+            wait_serving(child, args.startup_timeout)
+            log.info("%s SERVING (pid %d)", child.name, child.proc.pid)
+        if not stop_requested:
+            gateway = next(c for c in children if c.name == "gateway")
+            print(f"\nprivlm is up: gateway 127.0.0.1:{gateway.port} "
+                  f"({', '.join(f'{c.name} :{c.port}' for c in children)}); logs in {log_dir}", flush=True)
+            if args.state_file:
+                args.state_file.write_text(json.dumps(
+                    {c.name: {"port": c.port, "pid": c.proc.pid} for c in children} | {"log_dir": str(log_dir)}))
+            if args.demo:
+                run_demo(gateway.port, args.question)
+            if not args.exit_after_demo:
+                print("serving; press Ctrl-C to stop", flush=True)
+                supervise(children, log_dir, args, stop_requested)
+    except Exception as exc:  # noqa: BLE001 - report and stop everything we started
+        print(f"privlm up: {exc}", file=sys.stderr)
+        code = 1
+    finally:
+        for child in reversed(children):
+            child.stop(args.grace)
+        print("privlm stopped: all services exited", flush=True)
+    return code
+
+
+def supervise(children: list[Child], log_dir: Path, args, stop_requested: list) -> None:
+    """Wait for a stop signal; restart a worker group that died (same port, the gateway reconnects)."""
+    while not stop_requested:
+        time.sleep(0.2)
+        for child in children:
+            if child.alive() or stop_requested:
+                continue
+            log.error("%s exited with code %s; restarting it. Log tail:\n%s", child.name,
+                      child.proc.returncode, tail(child.log_path, 5))
+            child.stop(0)
+            child.restarts += 1
+            child.start(log_dir)
+            try:
+                wait_serving(child, args.startup_timeout)
+                log.info("%s SERVING again (restart %d)", child.name, child.restarts)
+            except RuntimeError as exc:
+                log.error("%s failed to restart: %s", child.name, exc)

@@ -1,0 +1,196 @@
+"""gRPC worker server (rank 0 of a worker group): a thin adapter over the engine.
+
+protobuf -> GenerationRequest -> engine.submit; engine events (engine thread) -> asyncio queue ->
+streamed WorkerGenerateResponse. A call that ends early (client cancel, deadline) cancels the
+request in the engine, which frees its KV blocks.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import uuid
+from pathlib import Path
+
+import grpc
+
+from privlm.errors import InvalidArgument, Unavailable
+from privlm.grpcserver import NOT_SERVING, SERVING, add_health_and_reflection, bind, new_server
+from privlm.internal.v1 import worker_pb2, worker_pb2_grpc
+from services.inference.config import EngineConfig, WorkerServerConfig
+from services.inference.types import Engine, FinishReason, GenerationRequest, SamplingParams, TokenEvent
+
+log = logging.getLogger("privlm.worker")
+
+SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
+_FINISH = {
+    FinishReason.LENGTH: worker_pb2.WORKER_FINISH_REASON_LENGTH,
+    FinishReason.END_OF_SEQUENCE: worker_pb2.WORKER_FINISH_REASON_END_OF_SEQUENCE,
+    FinishReason.CANCELLED: worker_pb2.WORKER_FINISH_REASON_CANCELLED,
+}
+
+
+def _to_domain(request: worker_pb2.WorkerGenerateRequest, vocab_size: int) -> GenerationRequest:
+    if not request.prompt_token_ids:
+        raise InvalidArgument("prompt_token_ids must not be empty")
+    bad = [t for t in request.prompt_token_ids if t >= vocab_size]
+    if bad:
+        raise InvalidArgument(f"prompt_token_ids: id {bad[0]} is outside the vocabulary (size {vocab_size})")
+    s = request.sampling
+    if s.max_new_tokens < 1:
+        raise InvalidArgument("sampling.max_new_tokens must be >= 1")
+    if not s.temperature >= 0:
+        raise InvalidArgument("sampling.temperature must be >= 0")
+    if not 0 < s.top_p <= 1:
+        raise InvalidArgument("sampling.top_p must be in (0, 1]")
+    sampling = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                              top_k=s.top_k, seed=s.seed if s.HasField("seed") else None)
+    return GenerationRequest(request_id=request.request_id or uuid.uuid4().hex,
+                             prompt_token_ids=tuple(request.prompt_token_ids), sampling=sampling,
+                             tenant=request.tenant)
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    async def Generate(self, request, context):
+        req = _to_domain(request, self.engine.info.vocab_size)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self.engine.submit(req, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+        finished = False
+        try:
+            while not finished:
+                events = [await queue.get()]
+                while not queue.empty():          # coalesce what arrived meanwhile into one message
+                    events.append(queue.get_nowait())
+                tokens = [t for ev in events for t in ev.token_ids]
+                last = events[-1]
+                if last.finish_reason is FinishReason.ERROR:
+                    finished = True
+                    raise Unavailable(f"worker group failed: {last.error or 'unknown error'}")
+                msg = worker_pb2.WorkerGenerateResponse(token_ids=tokens)
+                if last.finish_reason is not None:
+                    finished = True
+                    msg.finish_reason = _FINISH[last.finish_reason]
+                    msg.prompt_tokens = last.prompt_tokens or len(req.prompt_token_ids)
+                yield msg
+        finally:
+            if not finished:
+                self.engine.cancel(req.request_id)
+
+    async def Describe(self, request, context):
+        i = self.engine.info
+        return worker_pb2.WorkerInfo(
+            model_id=i.model_id, architecture=i.architecture, context_window=i.context_window,
+            vocab_size=i.vocab_size, eos_token_ids=list(i.eos_token_ids), dtype=i.dtype,
+            tensor_parallel=i.tensor_parallel, parameters=i.parameters, backend=i.backend, device=i.device)
+
+    async def GetStats(self, request, context):
+        s = self.engine.stats()
+        return worker_pb2.WorkerStats(
+            waiting=s.waiting, running=s.running, kv_blocks_total=s.kv_blocks_total,
+            kv_blocks_free=s.kv_blocks_free, tokens_generated=s.tokens_generated,
+            requests_finished=s.requests_finished, steps=s.steps, batch_size_last=s.batch_size_last,
+            healthy=s.healthy and self.engine.healthy, extra=s.extra)
+
+
+def build_engine(config: EngineConfig) -> Engine:
+    """The engine for `config.backend` (imports torch; call off the event loop)."""
+    if config.backend == "deepspeed":
+        from services.inference.deepspeed_backend import create_deepspeed_engine
+
+        return create_deepspeed_engine(config)
+    from services.inference.engine import create_engine
+
+    return create_engine(config)
+
+
+async def create_server(config: WorkerServerConfig, engine: Engine, interceptors=()):
+    """A started-ready (not yet started) worker server over `engine`: returns (server, port, health)."""
+    server = new_server(interceptors, config.max_message_bytes)
+    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(engine), server)
+    health = add_health_and_reflection(server, [SERVICE_NAME])
+    port = bind(server, config.host, config.port)
+    return server, port, health
+
+
+async def _watch_health(engine: Engine, health, period: float = 0.5) -> None:
+    """Report NOT_SERVING as soon as the engine (any rank) is unhealthy."""
+    state = None
+    while True:
+        new = SERVING if engine.healthy else NOT_SERVING
+        if new != state:
+            state = new
+            for name in ("", SERVICE_NAME):
+                await health.set(name, state)
+            if state == NOT_SERVING:
+                log.error("engine unhealthy: worker group reports NOT_SERVING")
+        await asyncio.sleep(period)
+
+
+async def serve(config: WorkerServerConfig, ready_file: Path | None = None, telemetry_hook=None) -> None:
+    """Run until SIGTERM/SIGINT; then NOT_SERVING, drain for grace_seconds, stop the engine."""
+    engine = await asyncio.to_thread(build_engine, config.engine)
+    interceptors = telemetry_hook() if telemetry_hook else ()
+    server, port, health = await create_server(config, engine, interceptors)
+    await server.start()
+    watcher = asyncio.create_task(_watch_health(engine, health))
+    log.info("worker serving %s on %s:%d (tp=%d, backend=%s)", engine.info.model_id, config.host, port,
+             config.engine.tp, config.engine.backend)
+    if ready_file:
+        ready_file.write_text(json.dumps({"port": port}))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("worker shutting down (grace %.1fs)", config.grace_seconds)
+    watcher.cancel()
+    await health.enter_graceful_shutdown()
+    await server.stop(config.grace_seconds)
+    await asyncio.to_thread(engine.shutdown)
+
+
+def add_engine_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--model", default=None, help="Hugging Face model folder (default: the embedded model)")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
+    ap.add_argument("--backend", default="native", choices=["native", "deepspeed"])
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--max-num-seqs", type=int, default=32)
+    ap.add_argument("--max-queue", type=int, default=256)
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    model = args.model
+    if model is None:
+        from privlm.model_prep import prepare
+
+        model = str(prepare())
+    return EngineConfig(model=model, tp=args.tp, backend=args.backend, dtype=args.dtype, device=args.device,
+                        max_num_seqs=args.max_num_seqs, max_queue=args.max_queue)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="privlm worker", description="Run a worker group (rank 0 serves gRPC).")
+    add_engine_args(ap)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--ready-file", type=Path, default=None, help="write {'port': N} here once serving")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    import os
+
+    engine_cfg = engine_config_from_args(args)
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:   # launched by torchrun / the deepspeed launcher: followers run the step loop only
+        from services.inference.engine import run_follower
+
+        run_follower(engine_cfg)
+        return 0
+    asyncio.run(serve(WorkerServerConfig(engine=engine_cfg, host=args.host, port=args.port), args.ready_file))
+    return 0
