@@ -1,0 +1,119 @@
+"""gRPC aio interceptors: W3C trace context across every hop, RPC metrics by status code.
+
+Pass `server_interceptors()` to privlm.grpcserver.new_server(...) and `client_interceptors()` to
+grpc.aio.insecure_channel/secure_channel(..., interceptors=...). Health checks and reflection are
+neither traced nor counted (`privlm up` polls health; those spans would drown the real ones).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Awaitable, Callable
+
+import grpc
+from opentelemetry import metrics, trace
+from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
+from opentelemetry.instrumentation.grpc import filters
+
+from privlm.telemetry import instruments as _instruments
+
+_UNTRACED = ("grpc.health.v1.Health", "grpc.reflection.")
+
+
+def _traced() -> Callable[[Any], bool]:
+    return filters.negate(filters.any_of(*(filters.service_prefix(s) for s in _UNTRACED)))
+
+
+def _untraced_method(method: str) -> bool:
+    return method.lstrip("/").startswith(_UNTRACED)
+
+
+def _code_name(context: grpc.aio.ServicerContext, exc: BaseException | None) -> str:
+    if isinstance(exc, asyncio.CancelledError):
+        return "CANCELLED"
+    code = None
+    try:
+        code = context.code()
+    except Exception:  # noqa: BLE001 - older grpc without ServicerContext.code()
+        code = None
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if isinstance(code, int):
+        for sc in grpc.StatusCode:
+            if sc.value[0] == code:
+                return sc.name
+    if exc is not None:
+        return "UNKNOWN"
+    return "OK"
+
+
+class MetricsServerInterceptor(grpc.aio.ServerInterceptor):
+    """Counts every RPC by method and final status code, and records its server-side latency."""
+
+    def __init__(self, instruments: _instruments.Instruments | None = None):
+        self._instruments = instruments
+
+    @property
+    def instruments(self) -> _instruments.Instruments:
+        return self._instruments or _instruments.get()
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details):
+        handler = await continuation(details)
+        if handler is None or _untraced_method(details.method):
+            return handler
+        method = details.method
+        record = self.instruments.record_rpc
+
+        def wrap_unary(fn):
+            async def call(request, context):
+                t0 = time.perf_counter()
+                exc = None
+                try:
+                    return await fn(request, context)
+                except BaseException as e:
+                    exc = e
+                    raise
+                finally:
+                    record(method, _code_name(context, exc), time.perf_counter() - t0)
+            return call
+
+        def wrap_stream(fn):
+            async def call(request_or_iterator, context):
+                t0 = time.perf_counter()
+                exc = None
+                try:
+                    async for item in fn(request_or_iterator, context):
+                        yield item
+                except BaseException as e:
+                    exc = e
+                    raise
+                finally:
+                    record(method, _code_name(context, exc), time.perf_counter() - t0)
+            return call
+
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                wrap_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                wrap_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                wrap_unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer)
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                wrap_stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer)
+        return handler
+
+
+def server_interceptors(tracer_provider: trace.TracerProvider | None = None,
+                        instruments: _instruments.Instruments | None = None) -> list[grpc.aio.ServerInterceptor]:
+    """[OpenTelemetry server span (extracts traceparent), RPC metrics]; None -> the global providers."""
+    return [aio_server_interceptor(tracer_provider=tracer_provider, filter_=_traced()),
+            MetricsServerInterceptor(instruments)]
+
+
+def client_interceptors(tracer_provider: trace.TracerProvider | None = None) -> list[grpc.aio.ClientInterceptor]:
+    """OpenTelemetry client spans that inject traceparent into each call's metadata."""
+    return aio_client_interceptors(tracer_provider=tracer_provider, filter_=_traced())
+
