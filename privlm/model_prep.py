@@ -93,7 +93,9 @@ def prepare(dest: Path | None = None, force: bool = False, log=print) -> Path:
     log(f"preparing {MODEL_NAME} into {dest} (one-off, about a minute)")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         tmpdir = Path(tmp)
