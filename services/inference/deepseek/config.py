@@ -27,6 +27,18 @@ class RopeConfig:
     mscale: float = 1.0
     mscale_all_dim: float = 0.0
     truncate: bool = True
+    attention_factor: float | None = None  # cos/sin multiplier; None: derived from mscale
+
+    @property
+    def cos_sin_scale(self) -> float:
+        """YaRN's attention factor applied to cos/sin (1.0 for R1: mscale == mscale_all_dim)."""
+        if self.kind != "yarn":
+            return 1.0
+        if self.attention_factor is not None:
+            return self.attention_factor
+        if self.mscale and self.mscale_all_dim:
+            return yarn_mscale(self.factor, self.mscale) / yarn_mscale(self.factor, self.mscale_all_dim)
+        return yarn_mscale(self.factor)
 
 
 @dataclass(frozen=True)
@@ -101,7 +113,8 @@ class DeepseekConfig:
                 original_max_position_embeddings=omax,
                 beta_fast=float(rp.get("beta_fast") or 32), beta_slow=float(rp.get("beta_slow") or 1),
                 mscale=float(rp.get("mscale") or 0.0), mscale_all_dim=float(rp.get("mscale_all_dim") or 0.0),
-                truncate=bool(rp.get("truncate", True)))
+                truncate=bool(rp.get("truncate", True)),
+                attention_factor=rp.get("attention_factor"))
         eos = d.get("eos_token_id", 1)
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         q = d.get("quantization_config") or {}

@@ -1,0 +1,109 @@
+"""DeepSeek-V3 mixture of experts with expert parallelism, and the dense MLP of the first layers.
+
+Router (replicated, float32): sigmoid scores; e_score_correction_bias is added only to choose
+experts; experts are grouped in n_group groups, each group scored by the sum of its 2 best biased
+scores, only the topk_group best groups are eligible; the top num_experts_per_tok eligible experts
+are taken, their *unbiased* scores normalised (norm_topk_prob) and scaled by routed_scaling_factor.
+
+Expert parallelism: each rank holds experts [rank*E/ep, (rank+1)*E/ep) and nothing else of the
+routed experts. Attention runs tensor parallel, so after its all-reduce every rank already holds
+every token's hidden state: dispatch needs no communication (each rank picks the tokens routed to
+its experts), and the combine is the one all-reduce of partial outputs the layer needs anyway for
+the row-parallel shared expert. An all-to-all dispatch/combine pays off only when attention is data
+parallel (each rank holding different tokens, as in DeepSeek's own multi-node serving); with
+TP attention it would move the same N x H values per layer in two collectives instead of one.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import _param
+from .config import DeepseekConfig
+from .params import experts_of_rank, shard_range
+
+
+class DenseMLP(nn.Module):
+    """SwiGLU, column/row parallel over tp ranks; returns the partial down projection."""
+
+    def __init__(self, hidden: int, inter: int, tp_rank: int, tp: int, dtype: torch.dtype):
+        super().__init__()
+        self.cols = shard_range(inter, tp, tp_rank)
+        n = self.cols[1] - self.cols[0]
+        self.gate_proj = _param(n, hidden, dtype=dtype)
+        self.up_proj = _param(n, hidden, dtype=dtype)
+        self.down_proj = _param(hidden, n, dtype=dtype)
+
+    def load(self, read, prefix: str) -> None:
+        self.gate_proj.copy_(read(prefix + "gate_proj.weight", rows=self.cols))
+        self.up_proj.copy_(read(prefix + "up_proj.weight", rows=self.cols))
+        self.down_proj.copy_(read(prefix + "down_proj.weight", cols=self.cols))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.silu(F.linear(x, self.gate_proj)) * F.linear(x, self.up_proj), self.down_proj)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: DeepseekConfig, rank: int, world: int, dtype: torch.dtype):
+        super().__init__()
+        self.cfg = cfg
+        E, H, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        if E % world:
+            raise ValueError(f"n_routed_experts {E} must divide by the expert-parallel size {world}")
+        self.local = experts_of_rank(cfg, world, rank)
+        n = len(self.local)
+        self.gate = _param(E, H)                                  # router weight, float32
+        self.bias = _param(E)                                     # e_score_correction_bias
+        self.w13 = _param(n, 2 * I, H, dtype=dtype)               # gate_proj ; up_proj per expert
+        self.w2 = _param(n, H, I, dtype=dtype)                    # down_proj per expert
+        self.shared = (DenseMLP(H, I * cfg.n_shared_experts, rank, world, dtype)
+                       if cfg.n_shared_experts else None)
+        self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.long), persistent=False)
+
+    def load(self, read, prefix: str) -> None:
+        self.gate.copy_(read(prefix + "gate.weight"))
+        self.bias.copy_(read(prefix + "gate.e_score_correction_bias"))
+        I = self.cfg.moe_intermediate_size
+        for j, e in enumerate(self.local):
+            p = f"{prefix}experts.{e}."
+            self.w13[j, :I].copy_(read(p + "gate_proj.weight"))
+            self.w13[j, I:].copy_(read(p + "up_proj.weight"))
+            self.w2[j].copy_(read(p + "down_proj.weight"))
+        if self.shared is not None:
+            self.shared.load(read, prefix + "shared_experts.")
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [N, H] -> (weights [N, k] float32, expert ids [N, k])."""
+        c = self.cfg
+        N, E, G = x.shape[0], c.n_routed_experts, c.n_group
+        scores = F.linear(x.float(), self.gate).sigmoid()                      # [N, E]
+        choice = scores + self.bias
+        per_group = choice.view(N, G, E // G)
+        group_scores = per_group.topk(min(2, E // G), dim=-1).values.sum(-1)  # [N, G]
+        top_groups = group_scores.topk(c.topk_group, dim=-1, sorted=False).indices
+        group_mask = torch.zeros_like(group_scores).scatter_(1, top_groups, 1.0).bool()
+        allowed = group_mask.unsqueeze(-1).expand(N, G, E // G).reshape(N, E)
+        ids = choice.masked_fill(~allowed, float("-inf")).topk(c.num_experts_per_tok, dim=-1, sorted=False).indices
+        w = scores.gather(1, ids)
+        if c.norm_topk_prob:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        return w * c.routed_scaling_factor, ids
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, H] -> this rank's partial output [N, H] (local experts + its shared-expert share)."""
+        w, ids = self.route(x)
+        self.tokens_per_expert += torch.bincount(ids.flatten(), minlength=self.cfg.n_routed_experts)
+        out = torch.zeros_like(x)
+        I = self.cfg.moe_intermediate_size
+        lo = self.local.start
+        mine = (ids >= lo) & (ids < self.local.stop)
+        for e in torch.unique(ids[mine]).tolist():
+            tok, k = torch.where(ids == e)
+            xe = x[tok]                                                       # [n_e, H]
+            gu = F.linear(xe, self.w13[e - lo])                               # [n_e, 2I]
+            ye = F.linear(F.silu(gu[:, :I]) * gu[:, I:], self.w2[e - lo])     # [n_e, H]
+            out.index_add_(0, tok, (ye * w[tok, k, None]).to(out.dtype))
+        if self.shared is not None:
+            out += self.shared(x)
+        return out

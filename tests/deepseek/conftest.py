@@ -1,0 +1,7 @@
+"""Make the tiny-checkpoint helper (ds_tiny.py) importable by this folder's tests and their spawned ranks."""
+import sys
+from pathlib import Path
+
+HERE = str(Path(__file__).resolve().parent)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
