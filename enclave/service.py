@@ -1,0 +1,128 @@
+"""gRPC servicers: privlm.v1.Confidential (evidence, sealed generation) and privlm.v1.Audit.
+
+Thin adapters: protobuf <-> domain objects <-> ConfidentialRuntime / AuditLog. Blocking work
+(signing, fsync, HPKE) runs in a thread, never on the event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator, Callable
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from enclave.attestation import SIMULATION_WARNING, AttestationError
+from enclave.audit.log import AuditLog
+from enclave.audit.merkle import ProofError
+from enclave.hpke import ResponseSealer, SealedMessage, SealError
+from enclave.runtime import ConfidentialRuntime
+from privlm.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from privlm.v1 import audit_pb2, audit_pb2_grpc, enclave_pb2, enclave_pb2_grpc, inference_pb2
+
+log = logging.getLogger("privlm.enclave")
+UNSPECIFIED = inference_pb2.FINISH_REASON_UNSPECIFIED
+GenerateStream = Callable[[inference_pb2.GenerateRequest, grpc.aio.ServicerContext],
+                          AsyncIterator[inference_pb2.GenerateStreamResponse]]
+
+
+def checkpoint_pb(cp) -> audit_pb2.SignedCheckpoint:
+    return audit_pb2.SignedCheckpoint(origin=cp.origin, tree_size=cp.size, root_hash=cp.root,
+                                      timestamp_unix_ms=cp.time_unix_ms, key_id=cp.key_id, signature=cp.signature)
+
+
+def seal_error_status(exc: SealError) -> Exception:
+    msg = f"{exc.reason}: {exc}"
+    if exc.reason in ("replayed", "stale_request"):
+        return PermissionDenied(msg)
+    if exc.reason == "unknown_key_id":
+        return FailedPrecondition(msg)
+    return InvalidArgument(msg)
+
+
+def _parse_context(aad: bytes) -> enclave_pb2.SealedRequestContext:
+    try:
+        return enclave_pb2.SealedRequestContext.FromString(aad)
+    except DecodeError as exc:
+        raise ValueError("bad sealed request context") from exc
+
+
+class ConfidentialServicer(enclave_pb2_grpc.ConfidentialServicer):
+    def __init__(self, runtime: ConfidentialRuntime, generate_stream: GenerateStream):
+        self.rt = runtime
+        self.generate_stream = generate_stream
+
+    async def GetEvidence(self, request, context):
+        try:
+            bundle = await asyncio.to_thread(self.rt.evidence, bytes(request.nonce))
+        except AttestationError as exc:
+            raise InvalidArgument(str(exc)) from exc
+        t = bundle.transparency
+        inclusion = enclave_pb2.MeasurementInclusion(checkpoint=checkpoint_pb(t.checkpoint), leaf_index=t.leaf_index,
+                                                     leaf=t.leaf, path=list(t.path))
+        return enclave_pb2.GetEvidenceResponse(
+            evidence=enclave_pb2.Evidence(tee_type=bundle.tee_type, raw=bundle.raw, key_config=bundle.key_config,
+                                          measurement=bundle.measurement, nonce=bundle.nonce, inclusion=inclusion),
+            simulated=self.rt.simulated, warning=SIMULATION_WARNING if self.rt.simulated else "")
+
+    async def GenerateSealed(self, request, context):
+        msg = SealedMessage(request.key_id, request.kem_id, request.kdf_id, request.aead_id,
+                            bytes(request.enc), bytes(request.ciphertext), bytes(request.aad))
+        try:
+            plaintext, hctx, meta = await asyncio.to_thread(self.rt.open_request, msg, _parse_context)
+        except SealError as exc:
+            raise seal_error_status(exc) from exc
+        try:
+            inner = inference_pb2.GenerateRequest.FromString(plaintext)
+        except DecodeError as exc:
+            await asyncio.to_thread(self.rt.reject, "bad_plaintext", msg, meta.tenant, meta.trace_id)
+            raise InvalidArgument("bad_plaintext: sealed payload is not a GenerateRequest") from exc
+        sealer = ResponseSealer(hctx, msg.enc)
+        first, finished = True, False
+        async for resp in self.generate_stream(inner, context):
+            final = resp.finish_reason != UNSPECIFIED
+            ct = sealer.seal(resp.SerializeToString(), final=final)
+            yield enclave_pb2.SealedChunk(response_nonce=sealer.response_nonce if first else b"",
+                                          ciphertext=ct, final=final)
+            first, finished = False, final
+            if final:
+                break
+        if not finished:  # the stream ended without a finish reason: close it explicitly
+            ct = sealer.seal(inference_pb2.GenerateStreamResponse().SerializeToString(), final=True)
+            yield enclave_pb2.SealedChunk(response_nonce=sealer.response_nonce if first else b"",
+                                          ciphertext=ct, final=True)
+
+
+class AuditServicer(audit_pb2_grpc.AuditServicer):
+    MAX_ENTRIES = 1000
+
+    def __init__(self, audit: AuditLog):
+        self.audit = audit
+
+    async def GetCheckpoint(self, request, context):
+        return checkpoint_pb(self.audit.checkpoint())
+
+    async def GetInclusionProof(self, request, context):
+        size = request.tree_size or self.audit.checkpoint().size
+        try:
+            path = self.audit.inclusion(request.leaf_index, size)
+        except ProofError as exc:
+            raise InvalidArgument(str(exc)) from exc
+        leaf = self.audit.entries(request.leaf_index, request.leaf_index + 1)[0]
+        return audit_pb2.InclusionProof(leaf_index=request.leaf_index, tree_size=size, path=path, leaf=leaf)
+
+    async def GetConsistencyProof(self, request, context):
+        second = request.second_size or self.audit.checkpoint().size
+        if request.first_size > second:
+            raise InvalidArgument(f"first_size {request.first_size} > second_size {second}")
+        try:
+            path = self.audit.consistency(request.first_size, second)
+        except ProofError as exc:
+            raise InvalidArgument(str(exc)) from exc
+        return audit_pb2.ConsistencyProof(first_size=request.first_size, second_size=second, path=path)
+
+    async def GetEntries(self, request, context):
+        end = min(request.end, self.audit.size, request.start + self.MAX_ENTRIES)
+        if request.start > end:
+            raise InvalidArgument(f"start {request.start} is beyond the log size {self.audit.size}")
+        return audit_pb2.GetEntriesResponse(entries=self.audit.entries(request.start, end))
