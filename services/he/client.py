@@ -1,0 +1,127 @@
+"""Bank-side client library: keys from presets by depth, SIMD packing, encryption, checked decryption,
+and the gRPC calls to the HE service.
+
+    keys = BankKeys.generate(depth=1, rotations_for=64)      # rotations only for the single-record path
+    with HEClient("127.0.0.1:50061") as he:
+        he.register(keys)
+        scores = he.score(keys, x).values                        # x: [N, 64] plaintext, stays here
+
+The request/response helpers (`score_request`, `read_scores`) work with the sync or the aio stub, so
+the gateway's risk-alert stream can build one-record requests itself and an enclave holding the
+released key can decrypt with `BankKeys.import_secret(...).decrypt_scores(...)`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from privlm.v1 import he_pb2 as pb
+from privlm.v1 import he_pb2_grpc as pb_grpc
+from services.he.keys import (FEATURE_MAJOR, RECORD_PER_CIPHERTEXT, BankKeys, KeyMismatch,  # noqa: F401
+                              packing_for)
+from services.he.params import CkksPreset, preset_for_depth  # noqa: F401 - part of the client API
+from services.he.server import TENANT_KEY
+
+PACKING_PB = {FEATURE_MAJOR: pb.PACKING_FEATURE_MAJOR, RECORD_PER_CIPHERTEXT: pb.PACKING_RECORD_PER_CIPHERTEXT}
+PACKING_NAME = {v: k for k, v in PACKING_PB.items()}
+ACTIVATION_PB = {"auto": pb.ACTIVATION_AUTO, "none": pb.ACTIVATION_NONE, "sigmoid": pb.ACTIVATION_SIGMOID}
+STATISTIC_PB = {"sum": pb.STATISTIC_SUM, "mean": pb.STATISTIC_MEAN, "variance": pb.STATISTIC_VARIANCE}
+STATISTIC_NAME = {v: k for k, v in STATISTIC_PB.items()}
+AXIS_PB = {"ciphertexts": pb.AXIS_CIPHERTEXTS, "slots": pb.AXIS_SLOTS}
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Scores:
+    values: np.ndarray        # [N], record order
+    activation: str           # "none" (logit) or "sigmoid" (probability)
+    model_id: str
+    model_version: str
+    levels_left: int
+
+
+def score_request(keys: BankKeys, x: np.ndarray, *, num_features: int | None = None, model_id: str = "",
+                  packing: str = "auto", activation: str = "auto") -> pb.ScoreBatchRequest:
+    """Encrypt x: [N, F] in the chosen layout ("auto": the fewest ciphertexts the keys allow)."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim == 1:
+        x = x.reshape(1, -1)
+    if num_features is not None and x.shape[1] != num_features:
+        raise ValueError(f"x has {x.shape[1]} features, the model takes {num_features}")
+    if packing == "auto":
+        packing = packing_for(x.shape[0], x.shape[1], bool(keys.rotation_steps))
+    cts = keys.encrypt_feature_major(x) if packing == FEATURE_MAJOR else keys.encrypt_records(x)
+    return pb.ScoreBatchRequest(context_id=keys.context_id, model_id=model_id, packing=PACKING_PB[packing],
+                                num_records=x.shape[0], ciphertexts=cts, activation=ACTIVATION_PB[activation])
+
+
+def read_scores(keys: BankKeys, resp: pb.ScoreBatchResponse) -> Scores:
+    """Decrypt a ScoreBatch response after checking it was computed under these keys' context."""
+    values = keys.decrypt_scores(resp.context_id, PACKING_NAME[resp.packing], resp.num_records, list(resp.scores))
+    activation = "sigmoid" if resp.activation == pb.ACTIVATION_SIGMOID else "none"
+    return Scores(values, activation, resp.model_id, resp.model_version, resp.levels_left)
+
+
+class HEClient:
+    """Synchronous client over a real gRPC channel (insecure loopback, or pass credentials)."""
+
+    def __init__(self, target: str, tenant: str = "default", credentials: grpc.ChannelCredentials | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, timeout: float | None = 60.0):
+        options = [("grpc.max_send_message_length", max_message_bytes),
+                   ("grpc.max_receive_message_length", max_message_bytes)]
+        self.channel = (grpc.secure_channel(target, credentials, options) if credentials
+                        else grpc.insecure_channel(target, options))
+        self.stub = pb_grpc.HomomorphicPreprocessorStub(self.channel)
+        self.metadata = ((TENANT_KEY, tenant),)
+        self.timeout = timeout
+        self._models: dict[str, int] = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def register(self, keys: BankKeys) -> str:
+        resp = self.stub.RegisterContext(pb.RegisterContextRequest(public_context=keys.public_context),
+                                         metadata=self.metadata, timeout=self.timeout)
+        keys.check_context(resp.context_id)     # the service hashed exactly what we sent
+        return resp.context_id
+
+    def delete(self, keys: BankKeys) -> None:
+        self.stub.DeleteContext(pb.DeleteContextRequest(context_id=keys.context_id), metadata=self.metadata,
+                                timeout=self.timeout)
+
+    def describe(self, context_id: str = "") -> pb.DescribeResponse:
+        return self.stub.Describe(pb.DescribeRequest(context_id=context_id), metadata=self.metadata,
+                                  timeout=self.timeout)
+
+    def num_features(self, model_id: str = "") -> int:
+        if model_id not in self._models:
+            for m in self.describe().models:
+                self._models[m.model_id] = m.num_features
+                if m.is_default:
+                    self._models[""] = m.num_features
+        if model_id not in self._models:
+            raise KeyError(f"model {model_id!r} is not served")
+        return self._models[model_id]
+
+    def score(self, keys: BankKeys, x: np.ndarray, *, model_id: str = "", packing: str = "auto",
+              activation: str = "auto") -> Scores:
+        req = score_request(keys, x, num_features=self.num_features(model_id), model_id=model_id,
+                            packing=packing, activation=activation)
+        return read_scores(keys, self.stub.ScoreBatch(req, metadata=self.metadata, timeout=self.timeout))
+
+    def aggregate(self, keys: BankKeys, vectors, statistics=("sum",), axis: str = "ciphertexts") -> dict[str, np.ndarray]:
+        """vectors: [K, L] plaintext -> {statistic: [L] (or [1] over slots)}, computed encrypted."""
+        vectors = np.asarray(vectors, dtype=np.float64)
+        req = pb.AggregateRequest(context_id=keys.context_id, ciphertexts=[keys.encrypt_vector(v) for v in vectors],
+                                  statistics=[STATISTIC_PB[s] for s in statistics], axis=AXIS_PB[axis])
+        resp = self.stub.Aggregate(req, metadata=self.metadata, timeout=self.timeout)
+        return {STATISTIC_NAME[r.statistic]: keys.decrypt_vector(resp.context_id, r.ciphertext)[:resp.length]
+                for r in resp.results}
