@@ -24,6 +24,8 @@ class EngineConfig:
     max_queue: int = 256                    # waiting requests before RESOURCE_EXHAUSTED
     max_model_len: int | None = None        # None: the model's context window
     threads: int | None = None              # torch threads per rank; None: cores / tp
+    prefill_chunk: int | None = None        # max prefill tokens of one sequence per step; None: the budget
+    rank_timeout_s: float = 60.0            # collective / rendezvous timeout between ranks
 
     def __post_init__(self):
         check(self.tp >= 1, f"tp must be >= 1, got {self.tp}")
@@ -34,6 +36,7 @@ class EngineConfig:
         check(self.max_num_batched_tokens >= 16, "max_num_batched_tokens must be >= 16")
         check(self.block_size >= 1, "block_size must be >= 1")
         check(self.max_queue >= 1, "max_queue must be >= 1")
+        check(self.prefill_chunk is None or self.prefill_chunk >= 1, "prefill_chunk must be >= 1")
 
 
 @dataclass(frozen=True)

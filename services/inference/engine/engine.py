@@ -1,0 +1,240 @@
+"""The engine on rank 0: request intake, the step loop thread, events, health.
+
+submit() and cancel() only enqueue (any thread); the loop thread owns the scheduler, runs one step
+at a time and calls each request's on_event from that thread.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+
+from services.inference.config import EngineConfig
+from services.inference.engine.block_manager import BlockManager
+from services.inference.engine.model_runner import ModelRunner
+from services.inference.engine.sampler import new_generator, sample
+from services.inference.engine.scheduler import Scheduler
+from services.inference.engine.sequence import Sequence
+from services.inference.types import (EngineOverloaded, EngineStats, EngineUnavailable, EventCallback,
+                                      FinishReason, GenerationRequest, InvalidRequest, ModelInfo,
+                                      TokenEvent)
+
+log = logging.getLogger(__name__)
+
+
+def eos_token_ids(model_dir: str, hf_config) -> tuple[int, ...]:
+    """EOS ids from config.json and generation_config.json (each an int or a list)."""
+    import json
+    from pathlib import Path
+
+    ids: list[int] = []
+    sources = [getattr(hf_config, "eos_token_id", None)]
+    gen = Path(model_dir) / "generation_config.json"
+    if gen.exists():
+        sources.append(json.loads(gen.read_text()).get("eos_token_id"))
+    for v in sources:
+        for i in (v if isinstance(v, (list, tuple)) else [v]):
+            if isinstance(i, int) and i not in ids:
+                ids.append(i)
+    return tuple(ids)
+
+
+class LLMEngine:
+    """Implements services.inference.types.Engine over a ModelRunner (rank 0 of the group)."""
+
+    def __init__(self, config: EngineConfig, runner: ModelRunner, group=None):
+        self.config, self.runner, self.group = config, runner, group
+        hf = runner.hf_config
+        self.eos = eos_token_ids(config.model, hf)
+        self.info = ModelInfo(
+            model_id=config.model.rstrip("/").split("/")[-1], architecture=runner.architecture,
+            context_window=runner.max_model_len, vocab_size=hf.vocab_size, eos_token_ids=self.eos,
+            dtype=config.dtype, tensor_parallel=config.tp,
+            parameters=int(getattr(group, "total_parameters", 0) or runner.parameters_local),
+            backend="native", device=config.device)
+        self.block_manager = BlockManager(runner.num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.prefill_chunk)
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._inbox: deque = deque()              # ("add", seq, cb) | ("cancel", request_id)
+        self._active: dict[str, tuple[EventCallback, int]] = {}   # request_id -> (callback, prompt len)
+        self._gens: dict[int, object] = {}
+        self._healthy = True
+        self._error = ""
+        self._stopping = False
+        self._stats = EngineStats(kv_blocks_total=runner.num_blocks, kv_blocks_free=runner.num_blocks)
+        self._thread = threading.Thread(target=self._loop, name="privlm-engine", daemon=True)
+        self._thread.start()
+
+    # -- public API --------------------------------------------------------------------------
+    @property
+    def healthy(self) -> bool:
+        return self._healthy and not self._stopping
+
+    def submit(self, request: GenerationRequest, on_event: EventCallback) -> None:
+        if not self.healthy:
+            raise EngineUnavailable(self._error or "engine is shut down")
+        seq = self._validate(request)
+        with self._lock:
+            if request.request_id in self._active:
+                raise InvalidRequest(f"request_id {request.request_id!r} is already in flight")
+            if self._stats.waiting + sum(1 for m in self._inbox if m[0] == "add") >= self.config.max_queue:
+                raise EngineOverloaded(f"queue full ({self.config.max_queue} waiting requests), retry later")
+            self._active[request.request_id] = (on_event, seq.prompt_len)
+            self._inbox.append(("add", seq))
+            self._wake.notify()
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            self._inbox.append(("cancel", request_id))
+            self._wake.notify()
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            s = EngineStats(**{k: getattr(self._stats, k) for k in (
+                "waiting", "running", "kv_blocks_total", "kv_blocks_free", "tokens_generated",
+                "requests_finished", "steps", "batch_size_last")})
+        s.healthy = self.healthy
+        s.extra = {"preemptions": float(self.scheduler.num_preemptions),
+                   "weight_bytes_rank0": float(self.runner.weight_bytes)}
+        if self.group is not None:
+            for r, b in enumerate(self.group.weight_bytes):
+                s.extra[f"weight_bytes_rank{r}"] = float(b)
+        return s
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if self._stopping:
+                return
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+        self._fail_all("engine shut down")
+        if self.group is not None:
+            self.group.close()
+
+    def mark_dead(self, reason: str) -> None:
+        """Called by the group monitor when a rank dies: fail everything now, refuse new work."""
+        log.error("worker group unhealthy: %s", reason)
+        self._error = reason
+        self._healthy = False
+        self._fail_all(reason)
+        with self._lock:
+            self._wake.notify()
+
+    # -- internals ---------------------------------------------------------------------------
+    def _validate(self, r: GenerationRequest) -> Sequence:
+        p, s = r.prompt_token_ids, r.sampling
+        if not r.request_id:
+            raise InvalidRequest("request_id must not be empty")
+        if not p:
+            raise InvalidRequest("prompt_token_ids must not be empty")
+        if s.max_new_tokens < 1:
+            raise InvalidRequest(f"max_new_tokens must be >= 1, got {s.max_new_tokens}")
+        if len(p) + s.max_new_tokens > self.info.context_window:
+            raise InvalidRequest(f"prompt ({len(p)} tokens) + max_new_tokens ({s.max_new_tokens}) exceeds "
+                                 f"the context window ({self.info.context_window})")
+        if min(p) < 0 or max(p) >= self.info.vocab_size:
+            raise InvalidRequest(f"prompt_token_ids must be in [0, {self.info.vocab_size})")
+        if s.temperature < 0 or not (0 < s.top_p <= 1) or s.top_k < 0:
+            raise InvalidRequest("need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+        need = -(-(len(p) + s.max_new_tokens) // self.config.block_size)
+        if need > self.runner.num_blocks:
+            raise InvalidRequest(f"request needs {need} KV blocks, the cache has {self.runner.num_blocks}")
+        return Sequence(seq_id=next(self._ids), request_id=r.request_id, prompt_len=len(p), tokens=list(p),
+                        sampling=s, max_len=self.info.context_window, eos_token_ids=frozenset(self.eos))
+
+    def _emit(self, request_id: str, tokens: tuple[int, ...], reason: FinishReason | None, error: str = ""):
+        with self._lock:
+            entry = self._active.get(request_id)
+            if entry is None:
+                return
+            if reason is not None:
+                del self._active[request_id]
+        cb, plen = entry
+        try:
+            cb(TokenEvent(request_id, tokens, reason, plen, error))
+        except Exception:                       # a broken consumer must not kill the loop
+            log.exception("on_event callback failed")
+
+    def _fail_all(self, error: str) -> None:
+        with self._lock:
+            ids = list(self._active)
+        for rid in ids:
+            self._emit(rid, (), FinishReason.ERROR, error)
+
+    def _drain_inbox(self) -> None:
+        with self._lock:
+            msgs = list(self._inbox)
+            self._inbox.clear()
+        for kind, item in msgs:
+            if kind == "add":
+                if item.sampling.temperature > 0:
+                    self._gens[item.seq_id] = new_generator(item.sampling.seed)
+                self.scheduler.add(item)
+            else:
+                seq = self.scheduler.abort(item)
+                if seq is not None:
+                    self._gens.pop(seq.seq_id, None)
+                    self._emit(item, (), FinishReason.CANCELLED)
+        if msgs:   # stats must reflect a cancel even when no step follows it
+            with self._lock:
+                st = self._stats
+                st.waiting, st.running = len(self.scheduler.waiting), len(self.scheduler.running)
+                st.kv_blocks_free = self.block_manager.num_free
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while not self._inbox and not self._stopping and self._healthy \
+                            and not self.scheduler.has_work():
+                        self._wake.wait()
+                    if self._stopping or not self._healthy:
+                        break
+                self._drain_inbox()
+                if self.scheduler.has_work():
+                    self._step()
+        except Exception as exc:                # the group is out of sync: nothing can be trusted
+            log.exception("engine step failed")
+            self._error = f"engine step failed: {type(exc).__name__}: {exc}"
+            self._healthy = False
+        finally:
+            self.scheduler.abort_all(FinishReason.ERROR)
+            self._fail_all(self._error or "engine shut down")
+            if self._healthy and self.group is not None:
+                try:
+                    self.runner.stop_followers()
+                except Exception:
+                    log.exception("could not stop follower ranks")
+
+    def _step(self) -> None:
+        sched = self.scheduler
+        plan = sched.schedule()
+        if not plan.chunks:
+            time.sleep(0.001)
+            return
+        logits = self.runner.step(plan)
+        sampled: dict[int, int] = {}
+        rows = [c for c in plan.chunks if c.sample]
+        if rows:
+            seqs = [sched.by_id[c.seq_id] for c in rows]
+            toks = sample(logits, [s.sampling for s in seqs], [self._gens.get(s.seq_id) for s in seqs])
+            sampled = {c.seq_id: t for c, t in zip(rows, toks)}
+        results = sched.update(plan, sampled)
+        for seq, tok, reason in results:
+            if reason is not None:
+                self._gens.pop(seq.seq_id, None)
+            self._emit(seq.request_id, (tok,), reason)
+        with self._lock:
+            st = self._stats
+            st.steps += 1
+            st.batch_size_last = len(plan.chunks)
+            st.tokens_generated += len(results)
+            st.requests_finished += sum(1 for r in results if r[2] is not None)
+            st.waiting, st.running = len(sched.waiting), len(sched.running)
+            st.kv_blocks_free = self.block_manager.num_free

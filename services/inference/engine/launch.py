@@ -1,0 +1,154 @@
+"""Starting the tensor-parallel group: local spawning, launcher (torchrun) environment, followers.
+
+Without launcher variables and tp > 1, rank 0 (the caller's process) opens a TCPStore on a free
+port and starts tp-1 follower processes on this host. Under torchrun / the deepspeed launcher
+(RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK set), every process calls create_engine
+(rank 0) or run_follower (other ranks) and they meet through the env:// rendezvous.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from services.inference.config import EngineConfig
+from services.inference.engine.comm import Comm
+
+log = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+def _launcher_env() -> tuple[int, int, int] | None:
+    """(rank, world, local_rank) when started by a launcher, else None (read at call time)."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env and "MASTER_ADDR" in env and "MASTER_PORT" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", env["RANK"]))
+    return None
+
+
+def _device(config: EngineConfig, local_rank: int) -> str:
+    if config.device == "cuda":
+        torch.cuda.set_device(local_rank)
+        return f"cuda:{local_rank}"
+    return "cpu"
+
+
+def _comm_from_launcher(config: EngineConfig, rank: int, world: int, local_rank: int) -> Comm:
+    if world != config.tp:
+        raise ValueError(f"WORLD_SIZE={world} but tp={config.tp}: they must match")
+    timeout = datetime.timedelta(seconds=config.rank_timeout_s)
+    store, rank, world = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+    return Comm.create(store, rank, world, _device(config, local_rank), config.rank_timeout_s)
+
+
+class LocalGroup:
+    """Rank 0's handle on its follower ranks: per-rank facts, a death monitor, shutdown."""
+
+    def __init__(self, procs: list[subprocess.Popen]):
+        self.procs = procs
+        self.weight_bytes: list[int] = []
+        self.total_parameters = 0
+        self._closing = False
+        self._monitor: threading.Thread | None = None
+
+    def watch(self, on_death) -> None:
+        def run():
+            while not self._closing:
+                for r, p in enumerate(self.procs, start=1):
+                    code = p.poll()
+                    if code is not None and not self._closing:
+                        on_death(f"rank {r} exited with code {code}")
+                        return
+                threading.Event().wait(0.1)
+        if self.procs:
+            self._monitor = threading.Thread(target=run, name="privlm-rank-monitor", daemon=True)
+            self._monitor.start()
+
+    def close(self, timeout: float = 15.0) -> None:
+        self._closing = True
+        for p in self.procs:
+            try:
+                p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def start_local_group(config: EngineConfig) -> tuple[Comm, LocalGroup]:
+    """Rank 0 in this process, ranks 1..tp-1 as child processes; rendezvous on a free port."""
+    timeout = datetime.timedelta(seconds=config.rank_timeout_s)
+    store = dist.TCPStore("127.0.0.1", 0, config.tp, True, timeout=timeout, wait_for_workers=False)
+    threads = config.threads or max(1, (os.cpu_count() or 1) // config.tp)
+    cfg = json.dumps(dataclasses.asdict(config))
+    procs = []
+    for r in range(1, config.tp):
+        env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(config.tp), LOCAL_RANK=str(r),
+                   LOCAL_WORLD_SIZE=str(config.tp), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port),
+                   OMP_NUM_THREADS=str(threads),
+                   PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+        procs.append(subprocess.Popen([sys.executable, "-m", "services.inference.engine.follower", cfg],
+                                      env=env, cwd=str(REPO_ROOT)))
+    try:
+        comm = Comm.create(store, 0, config.tp, _device(config, 0), config.rank_timeout_s)
+    except Exception:
+        for p in procs:
+            p.kill()
+        raise
+    return comm, LocalGroup(procs)
+
+
+def run_follower(config: EngineConfig) -> None:
+    """Blocking: a follower rank (RANK != 0 in the launcher environment) until rank 0 stops."""
+    from services.inference.engine.model_runner import ModelRunner
+
+    env = _launcher_env()
+    if env is None or env[0] == 0:
+        raise RuntimeError("run_follower needs RANK != 0, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment")
+    comm = _comm_from_launcher(config, *env)
+    runner = ModelRunner(config, comm)
+    comm.all_gather_int(runner.weight_bytes)
+    comm.all_gather_int(runner.parameters_local)
+    runner.follow()
+
+
+def create_engine(config: EngineConfig):
+    """Build rank 0's engine (spawning local follower ranks when needed); returns an Engine."""
+    from services.inference.engine.engine import LLMEngine
+    from services.inference.engine.model_runner import ModelRunner
+
+    if config.backend != "native":
+        raise ValueError(f"create_engine builds the native backend, not {config.backend!r}")
+    env = _launcher_env()
+    group = None
+    if env is not None and env[1] > 1:
+        if env[0] != 0:
+            raise RuntimeError(f"rank {env[0]} must call run_follower, not create_engine")
+        comm = _comm_from_launcher(config, *env)
+        group = LocalGroup([])
+    elif config.tp > 1:
+        comm, group = start_local_group(config)
+    else:
+        comm = Comm(device=_device(config, 0) if config.device == "cuda" else "cpu")
+    try:
+        runner = ModelRunner(config, comm)
+        if group is not None:
+            group.weight_bytes = comm.all_gather_int(runner.weight_bytes)
+            group.total_parameters = sum(comm.all_gather_int(runner.parameters_local))
+    except Exception:
+        if group is not None:
+            for p in group.procs:
+                p.kill()
+        raise
+    engine = LLMEngine(config, runner, group)
+    if group is not None:
+        group.watch(engine.mark_dead)
+    return engine

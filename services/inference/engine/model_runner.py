@@ -1,0 +1,126 @@
+"""Model runner: owns one rank's model shard and KV cache and executes a StepPlan.
+
+Rank 0 broadcasts each plan to the follower ranks, every rank runs the same forward (the
+tensor-parallel layers all-reduce inside), and rank 0 gets the logits of the rows to sample.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from transformers import AutoConfig
+
+from services.inference.config import EngineConfig
+from services.inference.engine.attention import AttnMetadata, PrefillMeta
+from services.inference.engine.comm import Comm
+from services.inference.engine.loader import load_weights
+from services.inference.engine.models import model_class
+from services.inference.engine.scheduler import StepPlan
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def context_window(hf_config) -> int:
+    return int(getattr(hf_config, "max_position_embeddings", 0) or 4096)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, comm: Comm):
+        self.config, self.comm = config, comm
+        threads = config.threads or max(1, (os.cpu_count() or 1) // max(1, config.tp))
+        torch.set_num_threads(threads)
+        self.hf_config = AutoConfig.from_pretrained(config.model)
+        self.architecture = (getattr(self.hf_config, "architectures", None) or ["?"])[0]
+        self.dtype = DTYPES[config.dtype]
+        self.device = comm.device
+        self.max_model_len = min(config.max_model_len or context_window(self.hf_config),
+                                 context_window(self.hf_config))
+        cls = model_class(self.architecture)
+        with torch.no_grad():
+            self.model = cls(self.hf_config, comm, self.dtype, self.device, self.max_model_len).eval()
+            self.weight_bytes_read = load_weights(self.model, config.model)
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.parameters_local = sum(p.numel() for p in self.model.parameters())
+        # KV cache: [layers, slots, *per-slot shape]; all ranks must agree on the block count.
+        layers, slot_shape = self.model.kv_cache_spec()
+        bs = config.block_size
+        block_bytes = layers * bs * math.prod(slot_shape) * self.dtype.itemsize
+        blocks = config.num_kv_blocks or max(1, config.kv_cache_bytes // block_bytes)
+        self.num_blocks = min(comm.all_gather_int(blocks))
+        self.kv_cache = torch.zeros((layers, self.num_blocks * bs, *slot_shape), dtype=self.dtype,
+                                    device=self.device)
+
+    # -- driver / follower entry points -----------------------------------------------------
+    def step(self, plan: StepPlan) -> torch.Tensor | None:
+        """Rank 0: broadcast the plan, run it; returns logits [S, V] of the rows to sample."""
+        self.comm.broadcast_object(plan)
+        return self.execute(plan)
+
+    def follow(self) -> None:
+        """Followers: execute broadcast plans until rank 0 sends None."""
+        while True:
+            plan = self.comm.broadcast_object()
+            if plan is None:
+                return
+            self.execute(plan)
+
+    def stop_followers(self) -> None:
+        self.comm.broadcast_object(None)
+
+    # -- one forward -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> torch.Tensor | None:
+        ids, pos, meta, sample_rows = self._prepare(plan)
+        hidden = self.model(ids, pos, meta, self.kv_cache)              # [N, hidden]
+        if not sample_rows:
+            return None
+        rows = hidden[sample_rows] if len(sample_rows) < hidden.shape[0] else hidden
+        return self.model.compute_logits(rows)                          # [S, V] on rank 0
+
+    def _prepare(self, plan: StepPlan):
+        bs, dev = self.config.block_size, self.device
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        for c in plan.chunks:
+            bt = c.block_table
+            for i, tok in enumerate(c.token_ids):
+                p = c.start_pos + i
+                ids.append(tok)
+                pos.append(p)
+                slots.append(bt[p // bs] * bs + p % bs)
+            if c.sample:
+                sample_rows.append(len(ids) - 1)
+        meta = AttnMetadata(slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev))
+        nd = plan.num_decode
+        if nd:
+            dec = plan.chunks[:nd]
+            lens = [c.start_pos + 1 for c in dec]
+            lmax = max(lens)
+            nblk = -(-lmax // bs)
+            table = torch.tensor([list(c.block_table[:nblk]) + [0] * (nblk - len(c.block_table[:nblk]))
+                                  for c in dec], dtype=torch.int64, device=dev)   # [B, nblk]
+            p = torch.arange(lmax, device=dev)
+            meta.num_decode = nd
+            meta.decode_slots = table[:, p // bs] * bs + p % bs                    # [B, Lmax]
+            if min(lens) != lmax:
+                lt = torch.tensor(lens, device=dev)
+                meta.decode_mask = (p[None, :] < lt[:, None])[:, None, None, :]    # [B, 1, 1, Lmax]
+        row = nd
+        for c in plan.chunks[nd:]:
+            t = len(c.token_ids)
+            pm = PrefillMeta(q_start=row, q_end=row + t, start_pos=c.start_pos, ctx_slots=None, mask=None)
+            if c.start_pos > 0:
+                length = c.start_pos + t
+                p = torch.arange(length, device=dev)
+                bt = torch.tensor(c.block_table[:-(-length // bs)], dtype=torch.int64, device=dev)
+                pm.ctx_slots = bt[p // bs] * bs + p % bs                           # [L]
+                q_pos = torch.arange(c.start_pos, length, device=dev)
+                pm.mask = p[None, :] <= q_pos[:, None]                              # [T, L]
+            meta.prefills.append(pm)
+            row += t
+        ids_t = torch.tensor(ids, dtype=torch.int64, device=dev)
+        pos_t = torch.tensor(pos, dtype=torch.int64, device=dev)
+        return ids_t, pos_t, meta, sample_rows

@@ -1,0 +1,138 @@
+"""Llama-family decoder (Llama 2/3, SmolLM2, Qwen2) written with tensor-parallel layers.
+
+The model never mentions ranks: sharding lives in the layer classes and their weight loaders.
+Checkpoint names map onto fused parameters through `packed_modules_mapping`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from services.inference.engine.attention import AttnMetadata, paged_attention
+from services.inference.engine.comm import Comm
+from services.inference.engine.layers import (MergedColumnParallelLinear, ParallelLMHead,
+                                              QKVParallelLinear, RMSNorm, RowParallelLinear,
+                                              VocabParallelEmbedding)
+from services.inference.engine.rope import RotaryEmbedding
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg, comm: Comm, dtype, device, qkv_bias: bool, o_bias: bool):
+        super().__init__()
+        hidden = cfg.hidden_size
+        self.head_dim = getattr(cfg, "head_dim", None) or hidden // cfg.num_attention_heads
+        self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, cfg.num_attention_heads,
+                                          cfg.num_key_value_heads, qkv_bias, comm, dtype, device)
+        self.hq, self.hkv = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        d = self.head_dim
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * d, hidden, o_bias, comm, dtype, device,
+                                        in_part=(self.qkv_proj.q_head_start * d, self.hq * d))
+        self.scale = d ** -0.5
+
+    def forward(self, x, rope: RotaryEmbedding, cos, sin, meta: AttnMetadata, cache):
+        n, d = x.shape[0], self.head_dim
+        qkv = self.qkv_proj(x)                                  # [N, (Hq + 2 Hkv) * D]
+        qk = qkv[:, :(self.hq + self.hkv) * d].view(n, self.hq + self.hkv, d)
+        qk = rope.apply(qk, cos, sin)                           # [N, Hq + Hkv, D]
+        q, k = qk[:, :self.hq], qk[:, self.hq:]
+        v = qkv[:, (self.hq + self.hkv) * d:].view(n, self.hkv, d)
+        o = paged_attention(q, k, v, cache, meta, self.scale)   # [N, Hq * D]
+        return self.o_proj(o)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg, comm: Comm, dtype, device, bias: bool):
+        super().__init__()
+        inter = cfg.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [inter, inter], bias, comm, dtype, device)
+        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, bias, comm, dtype, device)
+        self.inter = self.gate_up_proj.parts[0][1]
+        if getattr(cfg, "hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported")
+
+    def forward(self, x):
+        gu = self.gate_up_proj(x)                               # [N, 2 * I_local]
+        return self.down_proj(F.silu(gu[:, :self.inter]) * gu[:, self.inter:])
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg, comm: Comm, dtype, device, qkv_bias: bool, o_bias: bool, mlp_bias: bool):
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg, comm, dtype, device, qkv_bias, o_bias)
+        self.mlp = LlamaMLP(cfg, comm, dtype, device, mlp_bias)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+
+    def forward(self, x, rope, cos, sin, meta, cache):
+        x = x + self.self_attn(self.input_layernorm(x), rope, cos, sin, meta, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg, comm: Comm, dtype, device, qkv_bias, o_bias, mlp_bias):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, comm, dtype, device)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, comm, dtype, device, qkv_bias, o_bias, mlp_bias)
+                                    for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Runner interface: kv_cache_spec(), forward(ids, positions, meta, caches), compute_logits()."""
+
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+    }
+    qkv_bias_default = False
+
+    def __init__(self, cfg, comm: Comm, dtype: torch.dtype, device: torch.device, max_pos: int):
+        super().__init__()
+        self.cfg = cfg
+        qkv_bias = getattr(cfg, "attention_bias", self.qkv_bias_default)
+        o_bias = getattr(cfg, "attention_bias", False)
+        mlp_bias = getattr(cfg, "mlp_bias", False)
+        self.model = LlamaModel(cfg, comm, dtype, device, qkv_bias, o_bias, mlp_bias)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, comm, dtype, device)
+        self.tied = bool(getattr(cfg, "tie_word_embeddings", False))
+        if self.tied:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        attn = self.model.layers[0].self_attn
+        self.rope = RotaryEmbedding(cfg, attn.head_dim, max_pos, dtype, device)
+
+    def kv_cache_spec(self) -> tuple[int, tuple[int, ...]]:
+        """(number of cache layers, per-token-slot shape of one layer on this rank)."""
+        attn = self.model.layers[0].self_attn
+        return len(self.model.layers), (2, attn.hkv, attn.head_dim)
+
+    def forward(self, input_ids, positions, meta: AttnMetadata, caches):
+        # input_ids, positions: [N]; caches: [layers, slots, 2, Hkv, D] -> hidden [N, hidden]
+        cos, sin = self.rope.tables(positions)
+        x = self.model.embed_tokens(input_ids)
+        for layer, cache in zip(self.model.layers, caches):
+            x = layer(x, self.rope, cos, sin, meta, cache)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden):
+        """hidden: [S, hidden] -> logits [S, vocab] on rank 0, None on other ranks."""
+        return self.lm_head(hidden)
+
+    def skip_checkpoint_tensor(self, name: str) -> bool:
+        return "rotary_emb" in name or (self.tied and name == "lm_head.weight")
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Qwen2: Llama layout with biases on q/k/v only."""
+
+    def __init__(self, cfg, comm, dtype, device, max_pos):
+        if getattr(cfg, "use_sliding_window", False):
+            raise ValueError("Qwen2 sliding-window attention is not supported")
+        nn.Module.__init__(self)
+        self.cfg = cfg
+        self.model = LlamaModel(cfg, comm, dtype, device, True, False, False)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, comm, dtype, device)
+        self.tied = bool(getattr(cfg, "tie_word_embeddings", False))
+        if self.tied:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rope = RotaryEmbedding(cfg, self.model.layers[0].self_attn.head_dim, max_pos, dtype, device)

@@ -1,0 +1,171 @@
+"""Iteration-level scheduler (torch-free): which sequences run in the next step, and how much.
+
+Each step gets a token budget (max_num_batched_tokens). Decoding sequences go first (one token
+each), then partially prefilled ones continue, then waiting requests are admitted in FIFO order.
+Long prompts are prefilled in chunks of at most `prefill_chunk` tokens so they never stall the
+running decodes or a newly arrived short request for their whole length. When KV blocks run out,
+the most recently admitted running sequence is preempted (blocks freed, recomputed later) and goes
+back to the head of the waiting queue.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from services.inference.engine.block_manager import BlockManager
+from services.inference.engine.sequence import Sequence, SeqStatus
+from services.inference.types import FinishReason
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Work for one sequence in one step: compute KV for `token_ids` at positions start.., and
+    sample a next token if `sample` (the chunk reaches the end of the sequence's tokens)."""
+    seq_id: int
+    token_ids: tuple[int, ...]
+    start_pos: int
+    block_table: tuple[int, ...]
+    sample: bool
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What every rank executes in one step. Decode chunks (one token each) come first."""
+    chunks: tuple[Chunk, ...]
+    num_decode: int
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 prefill_chunk: int | None = None):
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.prefill_chunk = prefill_chunk or max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []     # admission order: the last is preempted first
+        self.by_request: dict[str, Sequence] = {}
+        self.by_id: dict[int, Sequence] = {}
+        self.num_preemptions = 0
+
+    # -- queue management -------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        if seq.request_id in self.by_request:
+            raise ValueError(f"duplicate request_id {seq.request_id!r}")
+        self.by_request[seq.request_id] = seq
+        self.by_id[seq.seq_id] = seq
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """Drop a request wherever it is and free its blocks; returns it, or None if unknown."""
+        seq = self.by_request.pop(request_id, None)
+        if seq is None:
+            return None
+        if seq.status == SeqStatus.WAITING:
+            self.waiting.remove(seq)
+        else:
+            self.running.remove(seq)
+        self._finish(seq, FinishReason.CANCELLED)
+        return seq
+
+    def abort_all(self, reason: FinishReason) -> list[Sequence]:
+        seqs = list(self.running) + list(self.waiting)
+        for seq in seqs:
+            self.by_request.pop(seq.request_id, None)
+            self._finish(seq, reason)
+        self.running.clear()
+        self.waiting.clear()
+        return seqs
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        self.bm.free(seq)
+        self.by_id.pop(seq.seq_id, None)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.bm.free(seq)
+        seq.num_computed = 0
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    # -- one step ---------------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        budget = self.max_num_batched_tokens
+        scheduled: set[int] = set()
+        decode: list[Chunk] = []
+        prefill: list[Chunk] = []
+        # 1. running sequences: decodes first, then continuing prefills (both in admission order)
+        for want_decode in (True, False):
+            for seq in list(self.running):
+                if seq.status != SeqStatus.RUNNING or seq.is_decoding != want_decode or budget <= 0:
+                    continue
+                n = min(seq.remaining, budget, self.prefill_chunk)
+                if not self._reserve(seq, n, scheduled):
+                    continue                       # no room this step (seq may be preempted)
+                scheduled.add(seq.seq_id)
+                budget -= n
+                (decode if want_decode else prefill).append(self._chunk(seq, n))
+        # 2. admit waiting requests in FIFO order; stop at the first that does not fit
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.remaining, budget, self.prefill_chunk)
+            if not self.bm.can_allocate(seq, seq.num_computed + n):
+                break
+            self.waiting.popleft()
+            self.bm.allocate(seq, seq.num_computed + n)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            budget -= n
+            prefill.append(self._chunk(seq, n))
+        return StepPlan(chunks=tuple(decode + prefill), num_decode=len(decode))
+
+    def _reserve(self, seq: Sequence, n: int, scheduled: set[int]) -> bool:
+        """Make room for n more KV positions of seq by preempting the most recently admitted
+        sequence not already in this step's plan (possibly seq itself)."""
+        while not self.bm.can_allocate(seq, seq.num_computed + n):
+            victims = [s for s in self.running if s.seq_id not in scheduled]
+            if not victims:
+                return False
+            victim = victims[-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        self.bm.allocate(seq, seq.num_computed + n)
+        return True
+
+    @staticmethod
+    def _chunk(seq: Sequence, n: int) -> Chunk:
+        start = seq.num_computed
+        return Chunk(seq_id=seq.seq_id, token_ids=tuple(seq.tokens[start:start + n]), start_pos=start,
+                     block_table=tuple(seq.block_table), sample=start + n == len(seq.tokens))
+
+    def update(self, plan: StepPlan, sampled: dict[int, int]) -> list[tuple[Sequence, int | None, FinishReason | None]]:
+        """Apply a step's results. Returns (seq, new token or None, finish reason or None) for every
+        sequence that produced a token; finished sequences release their blocks."""
+        out = []
+        for chunk in plan.chunks:
+            seq = self.by_id.get(chunk.seq_id)
+            if seq is None or seq.status != SeqStatus.RUNNING:
+                continue                            # aborted meanwhile
+            seq.num_computed = chunk.start_pos + len(chunk.token_ids)
+            if not chunk.sample:
+                continue
+            token = sampled[chunk.seq_id]
+            reason = seq.append(token)
+            if reason is not None:
+                self.running.remove(seq)
+                self.by_request.pop(seq.request_id, None)
+                self._finish(seq, reason)
+            out.append((seq, token, reason))
+        return out
