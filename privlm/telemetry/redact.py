@@ -8,6 +8,7 @@ the code locations, and drops the message text.
 """
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 from opentelemetry.sdk.trace import Event, ReadableSpan
@@ -36,14 +37,27 @@ def _scrub_event(event: Event) -> Event:
     return Event(event.name, attrs, event.timestamp)
 
 
-def _scrub_status(status: Status) -> Status:
+_RPC_DETAILS = re.compile(r'status = (StatusCode\.\w+).*?details = "([^"]*)"', re.S)
+_EXC_PREFIX = re.compile(r"([A-Za-z_][\w.]*): ")
+
+
+def _scrub_status(status: Status, is_rpc: bool) -> Status:
+    """Status descriptions written from exceptions (f"{type}: {message}") keep the type only.
+
+    On RPC spans the description is the gRPC status details, which privlm servers write for the
+    caller (they name a field, never quote its value): kept, first line, bounded. The aio client
+    instrumentation writes str(AioRpcError), a multi-line dump: reduced to its code and details.
+    """
     desc = status.description
     if not desc:
         return status
-    # The gRPC client instrumentation writes f"{type(exc).__name__}: {exc}"; str(AioRpcError) dumps
-    # the whole call (including debug_error_string). Keep the first line, bounded.
-    first = desc.splitlines()[0][:_MAX_STATUS]
-    return Status(status.status_code, first)
+    if is_rpc:
+        m = _RPC_DETAILS.search(desc)
+        text = f"{m.group(1)}: {m.group(2)}" if m else desc.splitlines()[0]
+    else:
+        m = _EXC_PREFIX.match(desc)
+        text = m.group(1) if m else desc.splitlines()[0]
+    return Status(status.status_code, text[:_MAX_STATUS])
 
 
 def scrub(span: ReadableSpan) -> ReadableSpan:
@@ -55,7 +69,7 @@ def scrub(span: ReadableSpan) -> ReadableSpan:
     return ReadableSpan(
         name=span.name, context=span.context, parent=span.parent, resource=span.resource,
         attributes=span.attributes, events=[_scrub_event(e) for e in events], links=span.links,
-        kind=span.kind, status=_scrub_status(span.status), start_time=span.start_time,
+        kind=span.kind, status=_scrub_status(span.status, "rpc.system" in (span.attributes or {})), start_time=span.start_time,
         end_time=span.end_time, instrumentation_scope=span.instrumentation_scope)
 
 
@@ -73,3 +87,32 @@ class RedactingSpanExporter(SpanExporter):
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self.inner.force_flush(timeout_millis)
+
+
+class RedactingLogFilter:
+    """Handler filter: tracebacks in log records keep their frames, lose exception messages.
+
+    A `log.exception(...)` for an unexpected error prints "KeyError: <the value>", and that value can
+    be user input. Install on every handler (install_log_redaction) after logging is configured.
+    """
+
+    def filter(self, record) -> bool:
+        if record.exc_info and record.exc_info[0] is not None:
+            import traceback
+
+            text = "".join(traceback.format_exception(*record.exc_info))
+            record.exc_text = scrub_traceback(text) + f"\n{record.exc_info[0].__name__}: {REDACTED}"
+            record.exc_info = None
+        return True
+
+
+def install_log_redaction(logger=None) -> RedactingLogFilter:
+    """Add the filter to every handler of `logger` (default: the root logger)."""
+    import logging
+
+    target = logger or logging.getLogger()
+    filt = RedactingLogFilter()
+    for handler in target.handlers:
+        if not any(isinstance(f, RedactingLogFilter) for f in handler.filters):
+            handler.addFilter(filt)
+    return filt

@@ -68,9 +68,10 @@ class TestGateway(inference_pb2_grpc.InferenceServicer):
 
     async def GenerateStream(self, request, context):
         text = request.prompt or "".join(m.content for m in request.chat.messages)
-        if request.prompt.startswith("FAIL:"):
-            # An unexpected bug whose message quotes the input: the redacting exporter must drop it.
-            raise KeyError(request.prompt)
+        with self.tracer.start_as_current_span("privlm.tokenize"):  # records escaping exceptions
+            if request.prompt.startswith("FAIL:"):
+                # An unexpected bug whose message quotes the input: the redacting exporter must drop it.
+                raise KeyError(request.prompt)
         ids = [ord(c) % 1000 for c in text]
         max_new = request.sampling.max_new_tokens or 4
         log.info("generate request_id=%s prompt_tokens=%d", request.request_id, len(ids))
