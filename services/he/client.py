@@ -120,8 +120,23 @@ class HEClient:
     def aggregate(self, keys: BankKeys, vectors, statistics=("sum",), axis: str = "ciphertexts") -> dict[str, np.ndarray]:
         """vectors: [K, L] plaintext -> {statistic: [L] (or [1] over slots)}, computed encrypted."""
         vectors = np.asarray(vectors, dtype=np.float64)
+        _check_aggregate_bounds(keys, vectors, statistics)
         req = pb.AggregateRequest(context_id=keys.context_id, ciphertexts=[keys.encrypt_vector(v) for v in vectors],
                                   statistics=[STATISTIC_PB[s] for s in statistics], axis=AXIS_PB[axis])
         resp = self.stub.Aggregate(req, metadata=self.metadata, timeout=self.timeout)
         return {STATISTIC_NAME[r.statistic]: keys.decrypt_vector(resp.context_id, r.ciphertext)[:resp.length]
                 for r in resp.results}
+
+
+def _check_aggregate_bounds(keys: BankKeys, vectors: np.ndarray, statistics) -> None:
+    """Refuse inputs whose results would overflow the modulus left after their levels (CKKS would
+    return garbage, not an error). mean: |x| at level 1; variance: x^2 at level 2; sum: |sum| at 0."""
+    peak = float(np.abs(vectors).max()) if vectors.size else 0.0
+    needs = {"sum": (0, peak * max(1, vectors.shape[0] * (vectors.shape[1] if vectors.ndim > 1 else 1))),
+             "mean": (1, peak), "variance": (2, peak * peak)}
+    for stat in statistics:
+        levels, magnitude = needs[stat]
+        if levels <= keys.depth and magnitude >= keys.value_bound(levels):
+            raise ValueError(f"{stat} of values up to {peak:g} would overflow this depth-{keys.depth} context "
+                             f"(bound {keys.value_bound(levels):g} after {levels} level(s)): rescale the values "
+                             "(e.g. thousands) or use a deeper preset")

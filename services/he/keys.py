@@ -14,7 +14,8 @@ import numpy as np
 import tenseal as ts
 import tenseal.sealapi as sealapi
 
-from services.he.params import CkksPreset, TenSEALContextProto, context_id, preset_for_depth, rotation_steps
+from services.he.params import (CkksPreset, TenSEALContextProto, context_id, inspect_context, preset_for_depth,
+                                rotation_steps)
 
 FEATURE_MAJOR = "feature_major"
 RECORD_PER_CIPHERTEXT = "record_per_ciphertext"
@@ -59,6 +60,14 @@ class BankKeys:
         keys = cls(ctx, blob, preset)
         keys.rotation_steps = steps
         return keys
+
+    def value_bound(self, levels_used: int) -> float:
+        """Largest |value| a ciphertext can hold after `levels_used` rescales: beyond it CKKS wraps
+        around silently and every slot decrypts to garbage, so callers check before sending."""
+        info = inspect_context(self._ctx, 0)
+        data_bits = info.coeff_modulus_bits[:-1]                 # q0 first, special prime excluded
+        remaining = sum(data_bits[:len(data_bits) - levels_used])
+        return 2.0 ** (remaining - info.scale_bits - 1)
 
     # ---- export for an attested enclave -----------------------------------------------------------
     def export_secret(self) -> bytes:

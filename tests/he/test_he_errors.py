@@ -1,0 +1,187 @@
+"""Bad input gets a clear status, and the service keeps serving everyone else afterwards."""
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+import tenseal as ts
+
+from he_support import F, make_records
+from privlm.v1 import he_pb2 as pb
+from services.he.client import HEClient, score_request
+from services.he.keys import BankKeys
+
+
+def _code(fn):
+    with pytest.raises(grpc.RpcError) as info:
+        fn()
+    return info.value.code(), info.value.details()
+
+
+@pytest.fixture()
+def req(client, keys1):
+    client.register(keys1)
+    return score_request(keys1, make_records(3), packing="record_per_ciphertext")
+
+
+def _score(client, request):
+    return client.stub.ScoreBatch(request, metadata=client.metadata, timeout=30)
+
+
+def _with(request, cts=None, **fields):
+    out = pb.ScoreBatchRequest()
+    out.CopyFrom(request)
+    if cts is not None:
+        del out.ciphertexts[:]
+        out.ciphertexts.extend(cts)
+    for k, v in fields.items():
+        setattr(out, k, v)
+    return out
+
+
+@pytest.mark.parametrize("damage", ["random", "truncated", "empty", "header_flipped", "tail_cut"])
+def test_corrupt_or_truncated_ciphertext(client, req, damage):
+    good = req.ciphertexts[1]
+    bad = {"random": np.random.default_rng(0).bytes(len(good)), "truncated": good[: len(good) // 2],
+           "empty": b"", "header_flipped": bytes(b ^ 0xFF for b in good[:32]) + good[32:],
+           "tail_cut": good[:-7]}[damage]
+    code, details = _code(lambda: _score(client, _with(req, [req.ciphertexts[0], bad, req.ciphertexts[2]])))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "ciphertexts[1]" in details
+
+
+def test_ciphertext_from_other_parameters(client, req, keys2):
+    foreign = keys2.encrypt_records(make_records(1))[0]          # depth-2 ring, registered context is depth 1
+    code, details = _code(lambda: _score(client, _with(req, [req.ciphertexts[0], foreign, req.ciphertexts[2]])))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "other parameters" in details
+
+
+def test_wrong_vector_length_and_count(client, req, keys1):
+    short = keys1.encrypt_records(np.ones((1, F - 1)))[0]
+    code, details = _code(lambda: _score(client, _with(req, [req.ciphertexts[0], short, req.ciphertexts[2]])))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and f"expected {F}" in details
+    code, details = _code(lambda: _score(client, _with(req, list(req.ciphertexts[:2]))))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "expected 3 ciphertexts" in details
+    code, _ = _code(lambda: _score(client, _with(req, num_records=0)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    code, _ = _code(lambda: _score(client, _with(req, packing=pb.PACKING_UNSPECIFIED)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    # feature-major: a block vector with the wrong number of records
+    fm = score_request(keys1, make_records(30), packing="feature_major")
+    odd = keys1.encrypt_vector(np.ones(29))
+    code, details = _code(lambda: _score(client, _with(fm, [*fm.ciphertexts[:-1], odd])))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "expected 30" in details
+
+
+def test_exhausted_depth(client, req, keys1):
+    # A ciphertext that already used its only level (the bank squared it locally).
+    v = ts.ckks_vector(keys1._ctx, make_records(1)[0] / 1e5)
+    used = (v * v).serialize()
+    code, details = _code(lambda: _score(client, _with(req, [used, *req.ciphertexts[1:]])))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "depth exhausted" in details
+    # The sigmoid asked for on a depth-1 context
+    code, details = _code(lambda: _score(client, _with(req, activation=pb.ACTIVATION_SIGMOID)))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "needs 3 multiplicative levels" in details
+    # variance needs 2 levels
+    with pytest.raises(grpc.RpcError) as info:
+        client.aggregate(keys1, np.ones((3, 4)), ["variance"])
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_rotations_needed_but_absent(client, keys1_plain):
+    client.register(keys1_plain)
+    r = score_request(keys1_plain, make_records(2), packing="record_per_ciphertext")
+    code, details = _code(lambda: _score(client, r))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "Galois" in details
+    with pytest.raises(grpc.RpcError) as info:
+        client.aggregate(keys1_plain, np.ones((2, 3)), ["sum"], axis="slots")
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_unknown_context_model_and_other_tenant(client, req, target, keys1):
+    code, _ = _code(lambda: _score(client, _with(req, context_id="ab" * 32)))
+    assert code == grpc.StatusCode.NOT_FOUND
+    code, _ = _code(lambda: _score(client, _with(req, model_id="sha256:nope")))
+    assert code == grpc.StatusCode.NOT_FOUND
+    with HEClient(target, tenant="other-bank") as other:       # contexts are per tenant
+        code, _ = _code(lambda: _score(other, req))
+        assert code == grpc.StatusCode.NOT_FOUND
+
+
+def test_oversized_payload(loop_thread, tmp_path, he_model, keys1):
+    from services.he.config import HEServiceConfig
+    from services.he.model import save_model
+    from services.he.server import create_server
+
+    path = save_model(he_model, tmp_path / "m.json")
+    cfg = HEServiceConfig(model_files=(str(path),), max_request_bytes=300_000, max_ciphertexts_per_request=4,
+                          max_context_bytes=2_500_000, max_context_bytes_per_tenant=8_000_000)
+    server, port = loop_thread.run(create_server(cfg))
+    loop_thread.run(server.start())
+    try:
+        with HEClient(f"127.0.0.1:{port}") as c:
+            c.register(keys1)
+            r = score_request(keys1, make_records(3), packing="record_per_ciphertext")   # ~700 KB
+            code, details = _code(lambda: _score(c, r))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "over the limit of 300000" in details
+            r = score_request(keys1, make_records(5), packing="record_per_ciphertext")
+            code, details = _code(lambda: _score(c, r))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "over the limit of 4" in details
+            mid = BankKeys.generate(depth=1, rotations_for=64)                              # ~3.3 MB context
+            assert 2_500_000 < len(mid.public_context) < cfg.transport_max_bytes
+            code, details = _code(lambda: c.register(mid))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "over the limit of 2500000" in details
+            # beyond the transport limit (application limit + 4 MiB) gRPC itself answers RESOURCE_EXHAUSTED
+            big = b"\0" * (cfg.transport_max_bytes + 1)
+            code, _ = _code(lambda: c.stub.RegisterContext(pb.RegisterContextRequest(public_context=big)))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            # one record still fits and is served
+            out = c.score(keys1, make_records(1))
+            assert out.values.shape == (1,)
+    finally:
+        loop_thread.run(server.stop(0))
+        server.privlm_servicer.close()
+
+
+def test_context_limits_per_tenant(target):
+    with HEClient(target, tenant="limited") as c:
+        keys = [BankKeys.generate(depth=1) for _ in range(7)]
+        for k in keys[:6]:
+            c.register(k)
+        assert c.stub.RegisterContext(pb.RegisterContextRequest(public_context=keys[0].public_context),
+                                      metadata=c.metadata).already_registered
+        code, details = _code(lambda: c.register(keys[6]))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit 6" in details
+        c.delete(keys[0])                            # key rotation frees a slot
+        c.register(keys[6])
+        code, _ = _code(lambda: c.delete(keys[0]))
+        assert code == grpc.StatusCode.NOT_FOUND
+
+
+def test_bad_contexts(client):
+    for blob in (b"", b"not a context", np.random.default_rng(1).bytes(5000)):
+        code, _ = _code(lambda: client.stub.RegisterContext(pb.RegisterContextRequest(public_context=blob)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_still_serving_after_errors(client, keys1, he_model):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    health = health_pb2_grpc.HealthStub(client.channel)
+    assert health.Check(health_pb2.HealthCheckRequest(service="privlm.v1.HomomorphicPreprocessor")).status == \
+        health_pb2.HealthCheckResponse.SERVING
+    x = make_records(4, seed=21)
+    out = client.score(keys1, x)
+    np.testing.assert_allclose(out.values, he_model.logit(x), atol=1e-3)
+
+
+def test_describe(client, keys3, he_model):
+    client.register(keys3)
+    d = client.describe(keys3.context_id)
+    assert d.parameters.poly_modulus_degree == 16384 and d.parameters.multiplicative_depth == 3
+    assert list(d.parameters.coeff_modulus_bits) == [60, 40, 40, 40, 60]
+    assert d.parameters.scale_bits == 40 and d.parameters.slots == 8192 and not d.parameters.has_galois_keys
+    default = [m for m in d.models if m.is_default]
+    assert len(default) == 1 and default[0].model_id == he_model.model_id and default[0].num_features == F
+    assert default[0].sigmoid_depth == 2 and d.variance_depth == 2
+    assert d.limits.max_contexts_per_tenant == 6
