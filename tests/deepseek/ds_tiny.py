@@ -40,7 +40,9 @@ def prompts(n: int, vocab: int = 512, seed: int = 1) -> list[list[int]]:
 
 
 def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
+    ids = torch.tensor([prompt])
+    # explicit mask: otherwise generate() treats prompt tokens equal to pad_token_id as padding
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
                          eos_token_id=None, pad_token_id=0)
     return out[0, len(prompt):].tolist()
 

@@ -65,6 +65,7 @@ def test_rope_without_interleave_matches_transformers(tmp_path):
     assert greedy(model, [p], 8) == [hf_greedy(ref, p, 8)]
 
 
+@pytest.mark.slow
 def test_expert_parallel_two_ranks_gloo(tiny, tmp_path):
     folder, ref = tiny
     ps = prompts(3)
