@@ -62,7 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--trusted-checkpoint", help="a checkpoint JSON you saved earlier")
     c = sub.add_parser("checkpoint", help="print the latest checkpoint (JSON) to save and compare later")
     c.add_argument("--log", required=True)
+    k = sub.add_parser("public-key", help="print the log's Ed25519 public key (PEM) from the key folder")
+    k.add_argument("--key-dir", required=True)
     args = ap.parse_args(argv)
+    if args.cmd == "public-key":
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+        key = load_pem_private_key((Path(args.key_dir) / "audit_ed25519.pem").read_bytes(), None)
+        print(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo).decode(), end="")
+        return 0
     log_dir = Path(args.log)
     if args.cmd == "checkpoint":
         cps, _, _ = read_checkpoints(log_dir / CHECKPOINTS)

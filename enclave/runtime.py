@@ -8,7 +8,6 @@ import collections
 import hashlib
 import logging
 import threading
-import time
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -138,4 +137,4 @@ def _safe_trace(trace_id: str) -> str:
     return trace_id if _TRACE.match(trace_id or "") else ""
 
 
-__all__ = ["ConfidentialRuntime", "AttestationError", "SealError", "time"]
+__all__ = ["ConfidentialRuntime", "AttestationError", "SealError", "load_or_create_ed25519"]

@@ -62,7 +62,7 @@ def read_entries(path: Path) -> tuple[list[bytes], list[bytes], int, bool]:
 def read_checkpoints(path: Path) -> tuple[list[Checkpoint], int, bool]:
     text = path.read_bytes() if path.exists() else b""
     cps, good = [], 0
-    for line in text.split(b"\n")[:-1] if text.endswith(b"\n") else text.split(b"\n")[:-1]:
+    for line in text.split(b"\n")[:-1]:  # the last piece is "" or a torn, unterminated line
         cps.append(Checkpoint.from_json(line.decode()))
         good += len(line) + 1
     return cps, good, good != len(text)
