@@ -11,7 +11,7 @@ import time
 from typing import Any, Awaitable, Callable
 
 import grpc
-from opentelemetry import metrics, trace
+from opentelemetry import propagate, trace
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
 from opentelemetry.instrumentation.grpc import filters
 
@@ -113,7 +113,82 @@ def server_interceptors(tracer_provider: trace.TracerProvider | None = None,
             MetricsServerInterceptor(instruments)]
 
 
-def client_interceptors(tracer_provider: trace.TracerProvider | None = None) -> list[grpc.aio.ClientInterceptor]:
-    """OpenTelemetry client spans that inject traceparent into each call's metadata."""
-    return aio_client_interceptors(tracer_provider=tracer_provider, filter_=_traced())
+class _StreamingClientSpan:
+    """Client span for response-streaming calls that ends when the call ends, however it ends.
 
+    opentelemetry-instrumentation-grpc ends a streaming client span only when the response iterator
+    is exhausted; a caller that stops reading after the final message and cancels (the gateway does)
+    leaves the span open until garbage collection, so it is exported late or never. Ending it from
+    the call's done-callback gives the right duration and status either way.
+    """
+
+    def __init__(self, tracer: trace.Tracer, traced: Callable[[Any], bool]):
+        self._tracer, self._traced = tracer, traced
+        self._pending: set[asyncio.Task] = set()
+
+    async def _start(self, continuation, details, request):
+        if not self._traced(details):
+            return await continuation(details, request)
+        method = details.method.decode() if isinstance(details.method, bytes) else details.method
+        service, _, name = method.lstrip("/").partition("/")
+        span = self._tracer.start_span(method, kind=trace.SpanKind.CLIENT, attributes={
+            "rpc.system": "grpc", "rpc.service": service, "rpc.method": name})
+        metadata = grpc.aio.Metadata(*tuple(details.metadata or ()))
+        propagate.inject(metadata, context=trace.set_span_in_context(span), setter=_MetadataSetter())
+        new_details = grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
+                                                 details.wait_for_ready)
+        try:
+            call = await continuation(new_details, request)
+        except BaseException as exc:
+            span.set_status(trace.Status(trace.StatusCode.ERROR, type(exc).__name__))
+            span.end()
+            raise
+        call.add_done_callback(lambda c: self._finish_soon(c, span))
+        return call
+
+    def _finish_soon(self, call, span) -> None:
+        task = asyncio.ensure_future(self._finish(call, span))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    @staticmethod
+    async def _finish(call, span) -> None:
+        try:
+            code = await call.code()
+            span.set_attribute(RPC_GRPC_STATUS_CODE_ATTR, code.value[0])
+            if code != grpc.StatusCode.OK:
+                span.set_status(trace.Status(trace.StatusCode.ERROR, f"{code.name}: {await call.details()}"))
+        finally:
+            span.end()
+
+
+class _MetadataSetter:
+    def set(self, carrier, key, value):
+        carrier[key] = value
+
+
+RPC_GRPC_STATUS_CODE_ATTR = "rpc.grpc.status_code"
+
+
+class _UnaryStreamSpan(_StreamingClientSpan, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
+        return await self._start(continuation, client_call_details, request)
+
+
+class _StreamStreamSpan(_StreamingClientSpan, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return await self._start(continuation, client_call_details, request_iterator)
+
+
+def client_interceptors(tracer_provider: trace.TracerProvider | None = None) -> list[grpc.aio.ClientInterceptor]:
+    """Client spans that inject W3C traceparent into each call's metadata.
+
+    Unary-response calls use opentelemetry-instrumentation-grpc's aio interceptors; response-streaming
+    calls use _StreamingClientSpan (see its docstring for why).
+    """
+    traced = _traced()
+    otel = aio_client_interceptors(tracer_provider=tracer_provider, filter_=traced)
+    unary = [i for i in otel if not isinstance(i, (grpc.aio.UnaryStreamClientInterceptor,
+                                                     grpc.aio.StreamStreamClientInterceptor))]
+    tracer = trace.get_tracer("privlm.telemetry.grpc", tracer_provider=tracer_provider)
+    return [*unary, _UnaryStreamSpan(tracer, traced), _StreamStreamSpan(tracer, traced)]

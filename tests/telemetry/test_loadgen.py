@@ -15,7 +15,7 @@ from privlm.telemetry.receiver import create_receiver
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def chain_stack(tmp_path_factory):
     """Receiver + test gateway/worker on a background event loop; yields (gateway address, store)."""
     store = tmp_path_factory.mktemp("load") / "spans.jsonl"
     loop = asyncio.new_event_loop()
@@ -57,8 +57,8 @@ def _run(capsys, argv) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def test_closed_loop_with_traces(stack, capsys):
-    target, store = stack
+def test_closed_loop_with_traces(chain_stack, capsys):
+    target, store = chain_stack
     out = _run(capsys, ["--target", target, "--requests", "12", "--concurrency", "3", "--max-new-tokens", "4",
                         "--warmup", "1", "--span-store", str(store)])
     client, traces = out["client"], out["traces"]
@@ -73,8 +73,8 @@ def test_closed_loop_with_traces(stack, capsys):
     assert -0.5 <= diff < 50.0, diff
 
 
-def test_open_loop_and_text_table(stack, capsys):
-    target, store = stack
+def test_open_loop_and_text_table(chain_stack, capsys):
+    target, store = chain_stack
     out = _run(capsys, ["--target", target, "--rate", "40", "--requests", "8", "--max-new-tokens", "3",
                         "--warmup", "0"])
     assert out["client"]["mode"] == "open" and out["client"]["codes"] == {"OK": 8} and out["traces"] is None
