@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gateway.tenants import TenantConfig
 from privlm.config import check
 
 
@@ -25,8 +26,12 @@ class GatewayConfig:
     max_prompt_chars: int = 1_000_000
     max_message_bytes: int = 8 * 1024 * 1024
     grace_seconds: float = 10.0
+    tenants: tuple[TenantConfig, ...] = ()   # bearer-token tenants; required unless allow_anonymous
+    allow_anonymous: bool = False            # development only: no authentication (warned at startup)
 
     def __post_init__(self):
+        check(bool(self.tenants) != self.allow_anonymous,
+              "gateway: configure tenants (authentication) or set allow_anonymous for development, not both")
         check(len(self.models) >= 1, "gateway needs at least one model route")
         check(self.default_max_new_tokens >= 1, "default_max_new_tokens must be >= 1")
         check(self.max_new_tokens_limit >= self.default_max_new_tokens,

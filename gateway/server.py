@@ -12,6 +12,7 @@ import grpc
 
 from gateway.config import GatewayConfig, ModelRoute
 from gateway.service import Chunk, GatewayService, GenerateInput
+from gateway.tenants import TenantInterceptor, TenantRegistry, current_tenant, load_tenants
 from privlm.grpcserver import SERVING, add_health_and_reflection, bind, new_server
 from privlm.v1 import inference_pb2 as pb
 from privlm.v1 import inference_pb2_grpc as pb_grpc
@@ -23,7 +24,8 @@ FINISH = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP,
           "eos": pb.FINISH_REASON_END_OF_SEQUENCE, "cancelled": pb.FINISH_REASON_CANCELLED}
 
 
-def input_from_pb(req: pb.GenerateRequest | pb.TokenizeRequest, tenant: str = "") -> GenerateInput:
+def input_from_pb(req: pb.GenerateRequest | pb.TokenizeRequest) -> GenerateInput:
+    tenant = current_tenant.get()
     which = req.WhichOneof("input")
     messages = tuple((m.role, m.content) for m in req.chat.messages) if which == "chat" else None
     prompt = req.prompt if which == "prompt" else None
@@ -96,7 +98,12 @@ async def create_server(config: GatewayConfig, server_interceptors=(), client_in
     """
     service = GatewayService(config, client_interceptors)
     await service.connect()
-    server = new_server(server_interceptors, config.max_message_bytes)
+    inner = []
+    if config.tenants:
+        inner.append(TenantInterceptor(service.tenants))
+    else:
+        log.warning("AUTHENTICATION DISABLED (allow_anonymous): development only, never in production")
+    server = new_server(server_interceptors, config.max_message_bytes, inner_interceptors=inner)
     servicer = InferenceServicer(service)
     pb_grpc.add_InferenceServicer_to_server(servicer, server)
     names = [SERVICE_NAME]
@@ -134,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--ready-file", type=Path, default=None)
+    auth = ap.add_mutually_exclusive_group(required=True)
+    auth.add_argument("--tenants", type=Path, help="JSON list of tenants (tenant, token_sha256, limits)")
+    auth.add_argument("--allow-anonymous", action="store_true",
+                      help="DEVELOPMENT ONLY: serve without authentication (logged as a warning)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     model = args.model
@@ -141,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         from privlm.model_prep import default_model_dir
 
         model = str(default_model_dir())
-    cfg = GatewayConfig(models=(ModelRoute(model, args.worker, args.model_id),), host=args.host, port=args.port)
+    tenants = load_tenants(args.tenants) if args.tenants else ()
+    cfg = GatewayConfig(models=(ModelRoute(model, args.worker, args.model_id),), host=args.host, port=args.port,
+                        tenants=tenants, allow_anonymous=args.allow_anonymous)
     asyncio.run(serve(cfg, args.ready_file))
     return 0

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from gateway.config import GatewayConfig, ModelRoute
+from gateway.tenants import TenantRegistry
 from gateway.text import IncrementalDetokenizer, StopMatcher
 from gateway.tokenizer import ModelTokenizer
 from gateway.worker_client import WorkerClient
@@ -57,6 +58,7 @@ class ModelHandle:
 class GatewayService:
     def __init__(self, config: GatewayConfig, client_interceptors=(), channel_credentials=None):
         self.config = config
+        self.tenants = TenantRegistry(config.tenants)
         self.models: dict[str, ModelHandle] = {}
         for route in config.models:
             mid = route.model_id or Path(route.model_dir).name
@@ -153,6 +155,7 @@ class GatewayService:
         detok = IncrementalDetokenizer(handle.tokenizer.core)
         stops = StopMatcher(inp.stop)
         completion = 0
+        request_id = f"{inp.tenant or 'anon'}/{request_id}"
         stream = handle.worker.generate(request_id, ids, max_new, temperature, top_p, top_k, inp.seed,
                                         inp.tenant, timeout)
         try:
@@ -173,3 +176,5 @@ class GatewayService:
                     yield Chunk(emit, list(wc.token_ids))
         finally:
             await stream.aclose()
+            if inp.tenant:
+                self.tenants.charge(inp.tenant, completion)

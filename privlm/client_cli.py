@@ -13,8 +13,25 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 FINISH_NAMES = {v: k for k, v in pb.FinishReason.items()}
 
 
-def _common(ap: argparse.ArgumentParser) -> None:
+def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """Bearer token from --token, else $PRIVLM_TOKEN, else the dev token `privlm up` wrote."""
+    import os
+
+    from privlm.config import dev_token_path
+
+    token = token or os.environ.get("PRIVLM_TOKEN")
+    if not token and dev_token_path().is_file():
+        token = dev_token_path().read_text().strip()
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def _target(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--target", default=DEFAULT_TARGET, help=f"gateway address (default {DEFAULT_TARGET})")
+    ap.add_argument("--token", default=None, help="bearer token (default: $PRIVLM_TOKEN or the dev token)")
+
+
+def _common(ap: argparse.ArgumentParser) -> None:
+    _target(ap)
     ap.add_argument("--model", default="")
     ap.add_argument("--max-new-tokens", type=int, default=None)
     ap.add_argument("--temperature", type=float, default=None)
@@ -34,10 +51,11 @@ def _sampling(args) -> pb.SamplingParams:
     return s
 
 
-def stream_answer(stub, request: pb.GenerateRequest, timeout: float, out=sys.stdout) -> tuple[str, object]:
+def stream_answer(stub, request: pb.GenerateRequest, timeout: float, out=sys.stdout,
+                  metadata=()) -> tuple[str, object]:
     """Print text chunks as they arrive; return (full text, last message)."""
     parts, last = [], None
-    for msg in stub.GenerateStream(request, timeout=timeout):
+    for msg in stub.GenerateStream(request, timeout=timeout, metadata=metadata):
         if msg.text:
             out.write(msg.text)
             out.flush()
@@ -65,7 +83,7 @@ def generate_main(argv: list[str]) -> int:
         req.chat.messages.add(role="user", content=args.text)
     with grpc.insecure_channel(args.target) as ch:
         try:
-            _, last = stream_answer(pb_grpc.InferenceStub(ch), req, args.timeout)
+            _, last = stream_answer(pb_grpc.InferenceStub(ch), req, args.timeout, metadata=auth_metadata(args.token))
         except grpc.RpcError as err:
             return _fail(err)
     print(f"[{FINISH_NAMES[last.finish_reason]}; prompt {last.usage.prompt_tokens} tokens, "
@@ -95,7 +113,7 @@ def chat_main(argv: list[str]) -> int:
                 req.chat.messages.add(role=role, content=content)
             print("model> ", end="", flush=True)
             try:
-                text, _ = stream_answer(stub, req, args.timeout)
+                text, _ = stream_answer(stub, req, args.timeout, metadata=auth_metadata(args.token))
             except grpc.RpcError as err:
                 _fail(err)
                 history.pop()
@@ -105,11 +123,12 @@ def chat_main(argv: list[str]) -> int:
 
 def models_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="privlm models")
-    ap.add_argument("--target", default=DEFAULT_TARGET)
+    _target(ap)
     args = ap.parse_args(argv)
     with grpc.insecure_channel(args.target) as ch:
         try:
-            resp = pb_grpc.InferenceStub(ch).ListModels(pb.ListModelsRequest(), timeout=10)
+            resp = pb_grpc.InferenceStub(ch).ListModels(pb.ListModelsRequest(), timeout=10,
+                                                        metadata=auth_metadata(args.token))
         except grpc.RpcError as err:
             return _fail(err)
     for m in resp.models:

@@ -51,6 +51,16 @@ def load_file(cls: type[T], path: str | Path) -> T:
     return from_mapping(cls, data, where=str(path))
 
 
+def cache_dir() -> Path:
+    """The repository's git-ignored cache (models, dev credentials, span store, audit log)."""
+    return Path(__file__).resolve().parent.parent / ".cache"
+
+
+def dev_token_path() -> Path:
+    """Where `privlm up` keeps the development tenant's bearer token (mode 0600)."""
+    return cache_dir() / "run" / "dev-token"
+
+
 def check(condition: bool, message: str) -> None:
     """Raise ConfigError(message) unless condition holds (for __post_init__ validation)."""
     if not condition:

@@ -83,12 +83,16 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def new_server(interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
-               max_message_bytes: int = 8 * 1024 * 1024) -> grpc.aio.Server:
-    """An aio server with status mapping outermost-but-one (caller interceptors run first)."""
+               max_message_bytes: int = 8 * 1024 * 1024,
+               inner_interceptors: Iterable[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
+    """An aio server: `interceptors` (e.g. tracing) see the final status; the status mapping comes
+    next, so exceptions raised by `inner_interceptors` (e.g. authentication) and by servicers are
+    mapped to gRPC codes. The first interceptor in the list is the outermost."""
     options = [("grpc.max_receive_message_length", max_message_bytes),
                ("grpc.max_send_message_length", max_message_bytes),
                ("grpc.so_reuseport", 0)]
-    return grpc.aio.server(interceptors=[*interceptors, StatusInterceptor()], options=options)
+    return grpc.aio.server(interceptors=[*interceptors, StatusInterceptor(), *inner_interceptors],
+                           options=options)
 
 
 def bind(server: grpc.aio.Server, host: str, port: int,

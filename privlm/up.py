@@ -101,13 +101,25 @@ def build_children(args, model: str) -> list[Child]:
     worker = Child("worker", py + ["worker", "--model", model, "--tp", str(args.tp), "--backend", args.backend,
                                    "--dtype", args.dtype, "--port", str(wport)], wport)
     gport = args.port if args.port else free_port()
+    auth = ["--tenants", str(args.tenants)] if args.tenants else ["--allow-anonymous"]
     gateway = Child("gateway", py + ["gateway", "--model", model, "--worker", f"127.0.0.1:{wport}",
-                                     "--port", str(gport)], gport)
+                                     "--port", str(gport), *auth], gport)
     children = [worker, gateway]
     if not args.no_he:
         hport = free_port()
         children.append(Child("he", py + ["he", "--port", str(hport)], hport))
     return children
+
+
+def dev_tenants(log_dir: Path) -> Path:
+    """A fresh development tenant: token in .cache/run/dev-token (0600), its hash for the gateway."""
+    from gateway.tenants import create_dev_tenant
+    from privlm.config import dev_token_path
+
+    _, tenant = create_dev_tenant(dev_token_path())
+    path = log_dir / "tenants.json"
+    path.write_text(json.dumps([{"tenant": tenant.tenant, "token_sha256": tenant.token_sha256}]))
+    return path
 
 
 def run_demo(port: int, question: str) -> None:
@@ -119,8 +131,10 @@ def run_demo(port: int, question: str) -> None:
     req = pb.GenerateRequest(sampling=pb.SamplingParams(max_new_tokens=120))
     req.chat.messages.add(role="user", content=question)
     t0 = time.monotonic()
+    from privlm.client_cli import auth_metadata
+
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-        _, last = stream_answer(pb_grpc.InferenceStub(ch), req, timeout=300)
+        _, last = stream_answer(pb_grpc.InferenceStub(ch), req, timeout=300, metadata=auth_metadata(None))
     dt = time.monotonic() - t0
     print(f"[{last.usage.completion_tokens} tokens in {dt:.1f}s; prompt {last.usage.prompt_tokens} tokens]\n")
 
@@ -136,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--demo", action="store_true", help="ask the demo banking question once serving")
     ap.add_argument("--question", default=DEMO_QUESTION)
     ap.add_argument("--exit-after-demo", action="store_true", help="stop everything after the demo answer")
+    ap.add_argument("--tenants", type=Path, default=None,
+                    help="tenants JSON for the gateway (default: a fresh dev tenant, token in .cache/run/dev-token)")
+    ap.add_argument("--allow-anonymous", action="store_true",
+                    help="DEVELOPMENT ONLY: gateway without authentication")
     ap.add_argument("--state-file", type=Path, default=None, help="write service ports and pids here (JSON)")
     ap.add_argument("--log-dir", type=Path, default=None, help="service logs (default: a temp folder)")
     ap.add_argument("--startup-timeout", type=float, default=300.0)
@@ -160,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             args.no_he = True
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="privlm-up-"))
     log_dir.mkdir(parents=True, exist_ok=True)
+    if not args.tenants and not args.allow_anonymous:
+        args.tenants = dev_tenants(log_dir)
     children = build_children(args, model)
     code = 0
     try:

@@ -61,7 +61,7 @@ class Stack:
         from privlm.grpcserver import SERVING
 
         self.lt.run(self.worker_health.set("", SERVING))
-        gcfg = GatewayConfig(models=(ModelRoute(str(model), f"127.0.0.1:{self.worker_port}"),))
+        gcfg = GatewayConfig(models=(ModelRoute(str(model), f"127.0.0.1:{self.worker_port}"),), allow_anonymous=True)
         self.gateway, self.port, self.service, self.health = self.lt.run(create_gateway(gcfg))
         self.lt.run(self.gateway.start())
         self.target = f"127.0.0.1:{self.port}"

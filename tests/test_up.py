@@ -55,9 +55,15 @@ def test_up_serves_then_stops_cleanly(tmp_path, default_model):
             time.sleep(0.5)
         info = json.loads(state.read_text())
         assert {"worker", "gateway"} <= set(info)
+        from privlm.client_cli import auth_metadata
+
         with grpc.insecure_channel(f"127.0.0.1:{info['gateway']['port']}") as ch:
             req = pb.GenerateRequest(prompt="The capital of France is", sampling=pb.SamplingParams(max_new_tokens=5))
-            resp = pb_grpc.InferenceStub(ch).Generate(req, timeout=60)
+            stub = pb_grpc.InferenceStub(ch)
+            with pytest.raises(grpc.RpcError) as err:       # the dev gateway requires the dev token
+                stub.Generate(req, timeout=60)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            resp = stub.Generate(req, timeout=60, metadata=auth_metadata(None))
         assert resp.usage.completion_tokens >= 1 and resp.text
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
