@@ -45,6 +45,14 @@ class KeyBroker:
         self._challenges: dict[bytes, float] = {}
         self._lock = threading.Lock()
 
+    def set_policy(self, policy: Policy, tenant: str = "") -> None:
+        """Replace the release policy; audited as policy_changed with old and new digests."""
+        old, self.policy = self.policy, policy
+        if self.audit is not None:
+            self.audit.append(AuditEvent("policy_changed", tenant=tenant, hashes={
+                "old_policy_sha256": old.digest(), "new_policy_sha256": policy.digest()},
+                labels={"policy_id": policy.name}))
+
     def add_secret(self, name: str, value: bytes, measurements: Iterable[str] | None = None) -> None:
         """Register a secret; `measurements` optionally narrows the policy's list for this one secret."""
         self._secrets[name] = (value, frozenset(m.lower() for m in measurements) if measurements else None)

@@ -121,10 +121,31 @@ class ConfidentialRuntime:
         with self._lock:
             self.opened += 1
         self.audit.append(AuditEvent("sealed_request_opened", tenant=_safe_tenant(meta.tenant),
-                                     trace_id=_safe_trace(meta.trace_id),
+                                     trace_id=_safe_trace(meta.trace_id) or _current_trace_id(),
                                      hashes={"ciphertext_sha256": sha256_hex(msg.ciphertext)},
                                      labels={"key_id": str(msg.key_id)}))
         return plaintext, ctx, meta
+
+
+    def record(self, kind: str, tenant: str = "", trace_id: str = "", hashes: dict | None = None,
+               labels: dict | None = None) -> int:
+        """Append any other security event (policy_changed, he_context_registered, ...). Blocking.
+
+        Only digests and codes are accepted (AuditEvent validates); returns the leaf index.
+        """
+        event = AuditEvent(kind, tenant=tenant, trace_id=trace_id or _current_trace_id(),
+                           hashes=dict(hashes or {}), labels=dict(labels or {}))
+        return self.audit.append(event)[0]
+
+
+def _current_trace_id() -> str:
+    """The active OpenTelemetry trace id (hex), or "" outside a span."""
+    try:
+        from opentelemetry import trace
+    except ImportError:
+        return ""
+    ctx = trace.get_current_span().get_span_context()
+    return f"{ctx.trace_id:032x}" if ctx.is_valid else ""
 
 
 def _safe_tenant(tenant: str) -> str:

@@ -89,3 +89,20 @@ def test_sealing_is_bound_to_measurement(tmp_path):
         a.unseal(blob[:-1] + bytes([blob[-1] ^ 1]), label=b"cache")
     with pytest.raises(SealingError):
         a.unseal(blob, label=b"other")
+
+
+def test_policy_change_and_he_context_registration_are_audited(tmp_path):
+    rt = sim_runtime(tmp_path)
+    broker = KeyBroker(dev_policy(tmp_path, rt), audit=rt.audit)
+    new = pol.production([MEASUREMENT.hex()], name="bank-a-prod")
+    broker.set_policy(new, tenant="bank-a")
+    public = _bank_ckks()
+    public.make_context_public()
+    idx = rt.record("he_context_registered", tenant="bank-a",
+                    hashes={"context_sha256": hashlib.sha256(public.serialize()).hexdigest()})
+    events = _kinds(rt)
+    changed = [e for e in events if e.kind == "policy_changed"][0]
+    assert changed.hashes["new_policy_sha256"] == new.digest() and changed.labels["policy_id"] == "bank-a-prod"
+    assert events[idx].kind == "he_context_registered"
+    with pytest.raises(ValueError):
+        rt.record("he_context_registered", labels={"secret": "the raw key bytes here"})
