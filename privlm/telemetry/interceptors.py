@@ -156,7 +156,9 @@ class _StreamingClientSpan:
         try:
             code = await call.code()
             span.set_attribute(RPC_GRPC_STATUS_CODE_ATTR, code.value[0])
-            if code != grpc.StatusCode.OK:
+            # CANCELLED here is the caller's own decision (the gateway cancels once it has the final
+            # message), not a failure of the call.
+            if code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
                 span.set_status(trace.Status(trace.StatusCode.ERROR, f"{code.name}: {await call.details()}"))
         finally:
             span.end()
