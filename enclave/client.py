@@ -75,6 +75,14 @@ class ConfidentialClient:
             yield resp
 
 
+class SealedStreamError(RuntimeError):
+    """Generation failed inside the trust boundary; the message arrived sealed."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
 async def open_stream(call, ctx, enc: bytes) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
     """Open the sealed chunks of one GenerateSealed call, in order; a cut stream raises SealError."""
     opener = None
@@ -83,6 +91,10 @@ async def open_stream(call, ctx, enc: bytes) -> AsyncIterator[inference_pb2.Gene
             opener = ResponseOpener(ctx, enc, bytes(chunk.response_nonce))
         elif opener.finished:
             raise SealError("extra_chunk", "sealed stream continued after its final chunk")
+        if chunk.error_code:
+            if not chunk.final:
+                raise SealError("bad_error_chunk", "error chunk must be final")
+            raise SealedStreamError(chunk.error_code, opener.open(bytes(chunk.ciphertext), True).decode())
         yield inference_pb2.GenerateStreamResponse.FromString(opener.open(bytes(chunk.ciphertext), chunk.final))
     if opener is None or not opener.finished:
         raise SealError("truncated", "sealed stream ended without its final chunk")

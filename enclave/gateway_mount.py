@@ -25,15 +25,20 @@ class Mounted:
 
 
 def mount(server: grpc.aio.Server, generate_stream: GenerateStream, config: EnclaveConfig,
-          runtime: ConfidentialRuntime | None = None) -> Mounted:
+          runtime: ConfidentialRuntime | None = None, tenant_of=None) -> Mounted:
     """Like add_confidential_services, but also returns the runtime (counters, audit log)."""
     runtime = runtime or ConfidentialRuntime(config)
-    enclave_pb2_grpc.add_ConfidentialServicer_to_server(ConfidentialServicer(runtime, generate_stream), server)
+    enclave_pb2_grpc.add_ConfidentialServicer_to_server(
+        ConfidentialServicer(runtime, generate_stream, tenant_of), server)
     audit_pb2_grpc.add_AuditServicer_to_server(AuditServicer(runtime.audit), server)
     return Mounted([CONFIDENTIAL, AUDIT], runtime)
 
 
 def add_confidential_services(server: grpc.aio.Server, generate_stream: GenerateStream,
-                              config: EnclaveConfig) -> list[str]:
-    """Register privlm.v1.Confidential and privlm.v1.Audit; returns their full service names."""
-    return mount(server, generate_stream, config).names
+                              config: EnclaveConfig, tenant_of=None) -> list[str]:
+    """Register privlm.v1.Confidential and privlm.v1.Audit; returns their full service names.
+
+    `tenant_of(context) -> str | None` (optional): the tenant the gateway authenticated for this
+    call; a sealed request whose authenticated context names another tenant is refused.
+    """
+    return mount(server, generate_stream, config, tenant_of=tenant_of).names

@@ -17,7 +17,7 @@ from enclave.audit.log import AuditLog
 from enclave.audit.merkle import ProofError
 from enclave.hpke import ResponseSealer, SealedMessage, SealError
 from enclave.runtime import ConfidentialRuntime
-from privlm.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from privlm.errors import FailedPrecondition, InvalidArgument, PermissionDenied, PrivlmError, status_for
 from privlm.v1 import audit_pb2, audit_pb2_grpc, enclave_pb2, enclave_pb2_grpc, inference_pb2
 
 log = logging.getLogger("privlm.enclave")
@@ -48,9 +48,11 @@ def _parse_context(aad: bytes) -> enclave_pb2.SealedRequestContext:
 
 
 class ConfidentialServicer(enclave_pb2_grpc.ConfidentialServicer):
-    def __init__(self, runtime: ConfidentialRuntime, generate_stream: GenerateStream):
+    def __init__(self, runtime: ConfidentialRuntime, generate_stream: GenerateStream,
+                 tenant_of: Callable[[grpc.aio.ServicerContext], str | None] | None = None):
         self.rt = runtime
         self.generate_stream = generate_stream
+        self.tenant_of = tenant_of
 
     async def GetEvidence(self, request, context):
         try:
@@ -72,6 +74,11 @@ class ConfidentialServicer(enclave_pb2_grpc.ConfidentialServicer):
             plaintext, hctx, meta = await asyncio.to_thread(self.rt.open_request, msg, _parse_context)
         except SealError as exc:
             raise seal_error_status(exc) from exc
+        if self.tenant_of is not None:
+            authenticated = self.tenant_of(context)
+            if authenticated is not None and authenticated != meta.tenant:
+                await asyncio.to_thread(self.rt.reject, "tenant_mismatch", msg, authenticated, meta.trace_id)
+                raise PermissionDenied("tenant_mismatch: sealed request was made for another tenant")
         try:
             inner = inference_pb2.GenerateRequest.FromString(plaintext)
         except DecodeError as exc:
@@ -79,14 +86,21 @@ class ConfidentialServicer(enclave_pb2_grpc.ConfidentialServicer):
             raise InvalidArgument("bad_plaintext: sealed payload is not a GenerateRequest") from exc
         sealer = ResponseSealer(hctx, msg.enc)
         first, finished = True, False
-        async for resp in self.generate_stream(inner, context):
-            final = resp.finish_reason != UNSPECIFIED
-            ct = sealer.seal(resp.SerializeToString(), final=final)
+        try:
+            async for resp in self.generate_stream(inner, context):
+                final = resp.finish_reason != UNSPECIFIED
+                ct = sealer.seal(resp.SerializeToString(), final=final)
+                yield enclave_pb2.SealedChunk(response_nonce=sealer.response_nonce if first else b"",
+                                              ciphertext=ct, final=final)
+                first, finished = False, final
+                if final:
+                    break
+        except PrivlmError as exc:  # domain errors: details sealed, only the code in clear
+            code, message = status_for(exc)
+            ct = sealer.seal(f"{code.name}: {message}".encode(), final=True)
             yield enclave_pb2.SealedChunk(response_nonce=sealer.response_nonce if first else b"",
-                                          ciphertext=ct, final=final)
-            first, finished = False, final
-            if final:
-                break
+                                          ciphertext=ct, final=True, error_code=code.value[0])
+            return
         if not finished:  # the stream ended without a finish reason: close it explicitly
             ct = sealer.seal(inference_pb2.GenerateStreamResponse().SerializeToString(), final=True)
             yield enclave_pb2.SealedChunk(response_nonce=sealer.response_nonce if first else b"",

@@ -1,4 +1,5 @@
 """Sealed generation through the real gateway and worker group with the default model."""
+from privlm.transport import PLAINTEXT_DEV
 import asyncio
 
 import pytest
@@ -24,10 +25,10 @@ def test_sealed_generate_through_real_gateway(tmp_path, loop_thread, default_mod
     cfg = sim_config(tmp_path)
     engine = build_engine(EngineConfig(model=str(default_model), dtype="float32", max_queue=8))
     worker, wport, whealth = loop_thread.run(create_worker(
-        WorkerServerConfig(engine=EngineConfig(model=str(default_model), dtype="float32")), engine))
+        WorkerServerConfig(engine=EngineConfig(model=str(default_model), dtype="float32"), transport=PLAINTEXT_DEV), engine))
     loop_thread.run(worker.start())
     loop_thread.run(whealth.set("", SERVING))
-    gcfg = GatewayConfig(models=(ModelRoute(str(default_model), f"127.0.0.1:{wport}"),), allow_anonymous=True)
+    gcfg = GatewayConfig(transport=PLAINTEXT_DEV, models=(ModelRoute(str(default_model), f"127.0.0.1:{wport}"),), allow_anonymous=True)
     try:
         gw, port, service, _ = loop_thread.run(create_gateway(
             gcfg, extra_services=lambda server, gen: add_confidential_services(server, gen, cfg)))

@@ -110,3 +110,44 @@ def test_production_policy_refuses_simulated_gateway(tmp_path):
         return err.value
 
     assert asyncio.run(main()).reason == "simulation_not_allowed"
+
+
+def test_errors_inside_the_boundary_come_back_sealed_and_tenant_is_bound(tmp_path):
+    from enclave.client import SealedStreamError
+    from enclave_fixtures import tiny_generate
+    from privlm.errors import InvalidArgument
+    rt = sim_runtime(tmp_path)
+
+    async def failing(request, context):
+        raise InvalidArgument(f"stop sequence {request.prompt!r} is too long")
+        yield  # pragma: no cover
+
+    async def main():
+        from enclave.gateway_mount import mount
+        from privlm.grpcserver import bind, new_server
+        server = new_server()
+        mount(server, failing, rt.config, runtime=rt, tenant_of=lambda ctx: "bank-a")
+        port = bind(server, "127.0.0.1", 0)
+        await server.start()
+        out = {}
+        async with channel(port) as ch:
+            client = ConfidentialClient(ch, dev_policy(tmp_path, rt), tenant="bank-a")
+            with pytest.raises(SealedStreamError) as err:
+                [r async for r in client.generate_stream(inference_pb2.GenerateRequest(prompt="ACCT-991"))]
+            out["err"] = err.value
+            stub = enclave_pb2_grpc.ConfidentialStub(ch)
+            sealed, _ = await client.seal_request(inference_pb2.GenerateRequest(prompt="ACCT-991"))
+            raw = [c async for c in stub.GenerateSealed(sealed)]
+            out["raw"] = raw
+            other = ConfidentialClient(ch, dev_policy(tmp_path, rt), tenant="bank-b")
+            with pytest.raises(grpc.aio.AioRpcError) as e2:
+                [r async for r in other.generate_stream(inference_pb2.GenerateRequest(prompt="x"))]
+            out["mismatch"] = e2.value.code()
+        await server.stop(None)
+        return out
+
+    out = asyncio.run(main())
+    assert out["err"].code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "ACCT-991" in str(out["err"])
+    assert len(out["raw"]) == 1 and out["raw"][0].error_code and b"ACCT-991" not in out["raw"][0].ciphertext
+    assert out["mismatch"] == grpc.StatusCode.PERMISSION_DENIED
+    assert rt.rejections["tenant_mismatch"] == 1
