@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -61,6 +62,8 @@ class ConfidentialRuntime:
             self.backend = backend_for(config.attestation, report_root=config.tsm_report_root)
         else:
             self.backend = backend_for(config.attestation, device_root=config.gramine_root)
+        # Fail at startup, not at the first client: a missing TEE is an error, never a downgrade.
+        self.backend.evidence(os.urandom(32), bytes(64))
         # A fresh HPKE key per process: its lifetime is the evidence's; nothing to leak at rest.
         self.key = ServerKey.generate()
         self.keys = {self.key.key_id: self.key}

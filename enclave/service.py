@@ -12,12 +12,12 @@ from typing import AsyncIterator, Callable
 import grpc
 from google.protobuf.message import DecodeError
 
-from enclave.attestation import SIMULATION_WARNING, AttestationError
+from enclave.attestation import SIMULATION_WARNING, AttestationError, AttestationUnavailable
 from enclave.audit.log import AuditLog
 from enclave.audit.merkle import ProofError
 from enclave.hpke import ResponseSealer, SealedMessage, SealError
 from enclave.runtime import ConfidentialRuntime
-from privlm.errors import FailedPrecondition, InvalidArgument, PermissionDenied, PrivlmError, status_for
+from privlm.errors import FailedPrecondition, InvalidArgument, PermissionDenied, PrivlmError, Unavailable, status_for
 from privlm.v1 import audit_pb2, audit_pb2_grpc, enclave_pb2, enclave_pb2_grpc, inference_pb2
 
 log = logging.getLogger("privlm.enclave")
@@ -59,6 +59,8 @@ class ConfidentialServicer(enclave_pb2_grpc.ConfidentialServicer):
             bundle = await asyncio.to_thread(self.rt.evidence, bytes(request.nonce))
         except AttestationError as exc:
             raise InvalidArgument(str(exc)) from exc
+        except AttestationUnavailable as exc:
+            raise Unavailable(str(exc)) from exc
         t = bundle.transparency
         inclusion = enclave_pb2.MeasurementInclusion(checkpoint=checkpoint_pb(t.checkpoint), leaf_index=t.leaf_index,
                                                      leaf=t.leaf, path=list(t.path))

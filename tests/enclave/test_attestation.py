@@ -126,3 +126,11 @@ def test_missing_hardware_is_a_clear_error_not_a_downgrade(tee, tmp_path):
     with pytest.raises(AttestationUnavailable) as err:
         backend.evidence(os.urandom(32), os.urandom(64))
     assert tee in str(err.value) or "attestation" in str(err.value)
+
+
+def test_gateway_runtime_with_missing_tee_fails_at_startup(tmp_path):
+    from enclave.runtime import ConfidentialRuntime
+    cfg = EnclaveConfig(attestation="sev-snp", measurement=MEASUREMENT.hex(), key_dir=str(tmp_path / "k"),
+                        audit_dir=str(tmp_path / "a"), tsm_report_root=str(tmp_path / "no-configfs"))
+    with pytest.raises(AttestationUnavailable, match="Refusing to fall back"):
+        ConfidentialRuntime(cfg)
