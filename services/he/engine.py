@@ -144,7 +144,7 @@ class HEEngine:
             layout = f"{f} features x {blocks} block(s) of up to {slots} records"
         elif job.packing == RECORD_PER_CIPHERTEXT:
             expected, layout = n, "one ciphertext per record"
-            if not entry.info.has_galois_keys:
+            if f > 1 and not entry.info.has_galois_keys:
                 raise FailedPrecondition(
                     f"PACKING_RECORD_PER_CIPHERTEXT sums slots with rotations by {rotation_steps(f)}: register a "
                     "context generated with those Galois keys, or use PACKING_FEATURE_MAJOR (no rotations)")

@@ -36,6 +36,21 @@ def test_record_per_ciphertext_single_records(client, keys1, he_model):
     np.testing.assert_allclose(out.values, he_model.logit(x), atol=TOLERANCE["linear_depth1"])
 
 
+def test_compact_ring_single_records(client, he_model):
+    from services.he.keys import BankKeys
+
+    keys = BankKeys.generate(depth=1, rotations_for=F, compact=True)
+    assert keys.slots == 2048 and keys.value_bound(1) == 128.0
+    client.register(keys)
+    d = client.describe(keys.context_id)
+    assert d.parameters.poly_modulus_degree == 4096 and list(d.parameters.coeff_modulus_bits) == [39, 31, 39]
+    x = make_records(6, seed=13)
+    out = client.score(keys, x, packing="record_per_ciphertext")
+    np.testing.assert_allclose(out.values, he_model.logit(x), atol=TOLERANCE["linear_compact"])
+    out = client.score(keys, x, packing="feature_major")
+    np.testing.assert_allclose(out.values, he_model.logit(x), atol=TOLERANCE["linear_compact"])
+
+
 def test_auto_packing_picks_fewest_ciphertexts(keys1, keys1_plain):
     from services.he.client import score_request
     from privlm.v1 import he_pb2 as pb
