@@ -65,12 +65,16 @@ def read_scores(keys: BankKeys, resp: pb.ScoreBatchResponse) -> Scores:
 
 
 class HEClient:
-    """Synchronous client over a real gRPC channel (insecure loopback, or pass credentials)."""
+    """Synchronous client over a real gRPC channel: plaintext loopback, or mTLS with `credentials`
+    (e.g. enclave.certs.channel_credentials(tls_dir, "client")); the server's name is "he"."""
 
     def __init__(self, target: str, tenant: str = "default", credentials: grpc.ChannelCredentials | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, timeout: float | None = 60.0):
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, timeout: float | None = 60.0,
+                 server_name: str = "he"):
         options = [("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.max_receive_message_length", max_message_bytes)]
+        if credentials:
+            options.append(("grpc.ssl_target_name_override", server_name))
         self.channel = (grpc.secure_channel(target, credentials, options) if credentials
                         else grpc.insecure_channel(target, options))
         self.stub = pb_grpc.HomomorphicPreprocessorStub(self.channel)

@@ -125,16 +125,25 @@ class HomomorphicPreprocessorServicer(pb_grpc.HomomorphicPreprocessorServicer):
 
 async def create_server(config: HEServiceConfig) -> tuple[grpc.aio.Server, int]:
     """Build and bind the service (not started). The servicer is reachable as `server.privlm_servicer`
-    (tests inspect the engine it holds); `server.privlm_health` is the health servicer."""
+    (tests inspect the engine it holds); `server.privlm_health` is the health servicer. With
+    config.tls_dir: mTLS, callers limited to config.allowed_peers; without: plaintext, with a warning."""
     models = [load_model(p) for p in config.model_files]
     engine = HEEngine(config, models)
     servicer = HomomorphicPreprocessorServicer(engine, config)
-    server = new_server(max_message_bytes=config.transport_max_bytes)
+    from enclave import certs
+
+    interceptors, credentials = [], None
+    if config.tls_dir:
+        interceptors.append(certs.PeerIdentityInterceptor(set(config.allowed_peers)))
+        credentials = certs.server_credentials(config.tls_dir, "he")
+    else:
+        certs.dev_plaintext_warning("he")
+    server = new_server(interceptors, max_message_bytes=config.transport_max_bytes)
     pb_grpc.add_HomomorphicPreprocessorServicer_to_server(servicer, server)
     health = add_health_and_reflection(server, [SERVICE_NAME])
     await health.set(SERVICE_NAME, SERVING)
     await health.set("", SERVING)
-    port = bind(server, config.host, config.port)
+    port = bind(server, config.host, config.port, credentials)
     server.privlm_servicer = servicer
     server.privlm_health = health
     return server, port
@@ -168,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-file", action="append", default=[],
                         help="scoring model JSON (repeatable; the first is the default)")
     parser.add_argument("--config", help="JSON/TOML file with HEServiceConfig keys (flags override it)")
+    tls = parser.add_mutually_exclusive_group()
+    tls.add_argument("--tls-dir", help="mTLS certificates from `privlm certs --out DIR` (presents he.pem)")
+    tls.add_argument("--plaintext-dev", action="store_true",
+                     help="DEVELOPMENT ONLY: plaintext gRPC (also the default without --tls-dir; warns)")
     parser.add_argument("--workers", type=int)
     parser.add_argument("--max-request-bytes", type=int)
     args = parser.parse_args(argv)
@@ -181,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides["model_files"] = tuple(args.model_file)
         if args.workers is not None:
             overrides["workers"] = args.workers
+        if args.tls_dir:
+            overrides["tls_dir"] = args.tls_dir
         if args.max_request_bytes is not None:
             overrides["max_request_bytes"] = args.max_request_bytes
         config = dataclasses.replace(base, **overrides)
