@@ -47,28 +47,33 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
+def forward_last(model, ids: torch.Tensor) -> torch.Tensor:
+    """Logits [V] of the last token of one fresh prompt (rank 0; None elsewhere)."""
+    from services.inference.deepseek.generate import _prefill_meta
+
+    T = len(ids)
+    layers, shape = model.kv_cache_spec()
+    cache = torch.zeros(layers, T, *shape, dtype=model.dtype)
+    hidden = model(ids, torch.arange(T), _prefill_meta([0], [T], [torch.arange(T)]), cache)
+    logits = model.compute_logits(hidden[-1:])
+    return None if logits is None else logits[0]
+
+
 def ep_worker(rank: int, world: int, store: str, folder: str, prompts_: list[list[int]], n: int,
               out_dir: str) -> None:
     """One rank of a real gloo group: load own slices/experts, generate, save results per rank."""
     import torch.distributed as dist
 
     from services.inference.deepseek.generate import greedy
-    from services.inference.deepseek.model import DeepseekV3, imbalance
-    from services.inference.deepseek.parallel import Parallel
+    from services.inference.deepseek.model import DeepseekV3ForCausalLM, imbalance
+    from services.inference.engine.comm import Comm
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        model = DeepseekV3.from_pretrained(folder, Parallel(rank, world))
-        tokens = greedy(model, prompts_, n)
-        ids = torch.tensor(prompts_[0])
-        from services.inference.deepseek.attention import SeqChunk
-        cache = model.new_cache(len(ids))
-        logits = model(ids, torch.arange(len(ids)), [SeqChunk(0, len(ids), len(ids), torch.arange(len(ids)))],
-                       torch.arange(len(ids)), cache)
-        torch.save({"tokens": tokens, "logits": logits, "weight_bytes": model.weight_bytes(),
-                    "bytes_read": model.weight_bytes_read, "experts": list(model.layers[1].mlp.local),
-                    "load": model.expert_load(), "imbalance": imbalance(model.expert_load(), world)},
-                   f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    comm = Comm.create(dist.FileStore(store, world), rank, world, "cpu")
+    model = DeepseekV3ForCausalLM.from_pretrained(folder, comm)
+    tokens = greedy(model, prompts_, n)
+    logits = forward_last(model, torch.tensor(prompts_[0]))
+    load = model.expert_load()
+    torch.save({"tokens": tokens, "logits": logits, "weight_bytes": model.weight_bytes(),
+                "bytes_read": model.weight_bytes_read, "experts": list(model.local_experts),
+                "load": load, "imbalance": imbalance(load, world)}, f"{out_dir}/rank{rank}.pt")

@@ -5,10 +5,9 @@ import torch
 import torch.multiprocessing as mp
 import pytest
 
-from ds_tiny import build, ep_worker, hf_greedy, prompts
-from services.inference.deepseek.attention import SeqChunk
-from services.inference.deepseek.generate import greedy
-from services.inference.deepseek.model import DeepseekV3, imbalance
+from ds_tiny import build, ep_worker, forward_last, hf_greedy, prompts
+from services.inference.deepseek.generate import _decode_meta, _prefill_meta, greedy
+from services.inference.deepseek.model import DeepseekV3ForCausalLM as DeepseekV3, imbalance
 
 N_NEW = 12
 
@@ -26,12 +25,15 @@ def test_prefill_and_absorbed_decode_logits_match_transformers(tiny):
     T = len(ids)
     with torch.no_grad():
         want = ref(ids[None]).logits[0]                                   # [T, V]
-    cache = model.new_cache(T)
+    layers, shape = model.kv_cache_spec()
+    cache = torch.zeros(layers, T, *shape)
     slots = torch.arange(T)
     # prefill all but the last 3 tokens, then 3 single-token (absorbed) decode steps
-    got = [model(ids[:T - 3], torch.arange(T - 3), [SeqChunk(0, T - 3, T - 3, slots)], slots[:T - 3], cache)[0]]
+    h = model(ids[:T - 3], torch.arange(T - 3), _prefill_meta([0], [T - 3], [slots]), cache)
+    got = [model.compute_logits(h[-1:])[0]]
     for t in range(T - 3, T):
-        got.append(model(ids[t:t + 1], torch.tensor([t]), [SeqChunk(0, 1, t + 1, slots)], slots[t:t + 1], cache)[0])
+        h = model(ids[t:t + 1], torch.tensor([t]), _decode_meta([t + 1], [slots]), cache)
+        got.append(model.compute_logits(h)[0])
     for g, w in zip(got, [want[T - 4], want[T - 3], want[T - 2], want[T - 1]]):
         assert torch.allclose(g, w, atol=2e-5, rtol=1e-4), (g - w).abs().max()
 
@@ -76,12 +78,12 @@ def test_expert_parallel_two_ranks_gloo(tiny, tmp_path):
     assert r0["tokens"] == want and r1["tokens"] == want
     with torch.no_grad():
         full = ref(torch.tensor([ps[0]])).logits[0, -1]
-    assert torch.allclose(r0["logits"][0], full, atol=2e-5, rtol=1e-4)
+    assert torch.allclose(r0["logits"], full, atol=2e-5, rtol=1e-4) and r1["logits"] is None
     assert r0["experts"] == [0, 1, 2, 3] and r1["experts"] == [4, 5, 6, 7]
     single = DeepseekV3.from_pretrained(folder)
     one = single.weight_bytes()
     # each rank holds half the experts, heads, MLP and vocab; only norms, the low-rank down
     # projections and the router are replicated
-    assert 0.5 * one < r0["weight_bytes"] < 0.56 * one
+    assert 0.5 * one < r0["weight_bytes"] < 0.56 * one and 0.5 * one < r1["weight_bytes"] < 0.56 * one
     assert r0["bytes_read"] < 0.56 * single.weight_bytes_read
     assert torch.equal(r0["load"], r1["load"])                  # routing is replicated

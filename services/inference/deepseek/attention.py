@@ -13,23 +13,22 @@ Heads are split across tensor-parallel ranks; o_proj is row parallel (the caller
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.inference.engine.attention import AttnMetadata
+
 from .config import DeepseekConfig, RopeConfig
-
-
-def _param(*shape: int, dtype=torch.float32) -> nn.Parameter:
-    return nn.Parameter(torch.zeros(*shape, dtype=dtype), requires_grad=False)
+from .weights import Linear, sharded_param
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, dtype: torch.dtype):
+    def __init__(self, dim: int, eps: float, dtype, device=None):
         super().__init__()
-        self.weight = _param(dim, dtype=dtype)
+        self.weight = sharded_param((dim,), dtype, device)
+        self.weight.data.fill_(1.0)
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,113 +74,84 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-@dataclass
-class SeqChunk:
-    """One sequence's share of a step: tokens [q_start, q_start + q_len) of the flat batch.
-
-    ctx_len counts the sequence's tokens in the cache after this step (earlier ones + these);
-    slots[t] is the flat cache slot of the sequence's token t, t < ctx_len.
-    """
-    q_start: int
-    q_len: int
-    ctx_len: int
-    slots: torch.Tensor          # [ctx_len] int64
-
-
 class MLAttention(nn.Module):
-    def __init__(self, cfg: DeepseekConfig, tp_rank: int, tp: int, dtype: torch.dtype):
+    def __init__(self, cfg: DeepseekConfig, tp_rank: int, tp: int, dtype, device=None):
         super().__init__()
         self.cfg = cfg
         self.h = cfg.num_attention_heads // tp            # local heads
-        self.h0 = tp_rank * self.h
-        H, qk = cfg.hidden_size, cfg.qk_head_dim
+        h0, h = tp_rank * self.h, self.h
+        H, qk, kvl = cfg.hidden_size, cfg.qk_head_dim, cfg.kv_lora_rank
+        kvd = cfg.qk_nope_head_dim + cfg.v_head_dim
+        b = cfg.fp8_block
+
+        def lin(o, i, rows=None, cols=None):
+            return Linear(o, i, dtype, device, rows, cols, b)
         if cfg.q_lora_rank:
-            self.q_a_proj = _param(cfg.q_lora_rank, H, dtype=dtype)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6, dtype)
-            self.q_b_proj = _param(self.h * qk, cfg.q_lora_rank, dtype=dtype)
+            self.q_a_proj = lin(cfg.q_lora_rank, H)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6, dtype, device)
+            self.q_b_proj = lin(h * qk, cfg.q_lora_rank, rows=(h0 * qk, (h0 + h) * qk))
         else:
-            self.q_proj = _param(self.h * qk, H, dtype=dtype)
-        self.kv_a_proj_with_mqa = _param(cfg.kv_lora_rank + cfg.qk_rope_head_dim, H, dtype=dtype)
-        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, 1e-6, dtype)
-        self.kv_b_proj = _param(self.h * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank, dtype=dtype)
-        self.o_proj = _param(H, self.h * cfg.v_head_dim, dtype=dtype)
+            self.q_proj = lin(h * qk, H, rows=(h0 * qk, (h0 + h) * qk))
+        self.kv_a_proj_with_mqa = lin(kvl + cfg.qk_rope_head_dim, H)
+        self.kv_a_layernorm = RMSNorm(kvl, 1e-6, dtype, device)
+        self.kv_b_proj = lin(h * kvd, kvl, rows=(h0 * kvd, (h0 + h) * kvd))
+        self.o_proj = lin(H, h * cfg.v_head_dim, cols=(h0 * cfg.v_head_dim, (h0 + h) * cfg.v_head_dim))
         self.scale = cfg.softmax_scale
 
-    def load(self, read, prefix: str) -> None:
-        c, h0, h = self.cfg, self.h0, self.h
-        qk, kvd = c.qk_head_dim, c.qk_nope_head_dim + c.v_head_dim
-        if c.q_lora_rank:
-            self.q_a_proj.copy_(read(prefix + "q_a_proj.weight"))
-            self.q_a_layernorm.weight.copy_(read(prefix + "q_a_layernorm.weight"))
-            self.q_b_proj.copy_(read(prefix + "q_b_proj.weight", rows=(h0 * qk, (h0 + h) * qk)))
-        else:
-            self.q_proj.copy_(read(prefix + "q_proj.weight", rows=(h0 * qk, (h0 + h) * qk)))
-        self.kv_a_proj_with_mqa.copy_(read(prefix + "kv_a_proj_with_mqa.weight"))
-        self.kv_a_layernorm.weight.copy_(read(prefix + "kv_a_layernorm.weight"))
-        self.kv_b_proj.copy_(read(prefix + "kv_b_proj.weight", rows=(h0 * kvd, (h0 + h) * kvd)))
-        self.o_proj.copy_(read(prefix + "o_proj.weight", cols=(h0 * c.v_head_dim, (h0 + h) * c.v_head_dim)))
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqs: list[SeqChunk],
-                slot_mapping: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-        """x: [N, H]; cos/sin: [N, rope/2]; slot_mapping: [N]; cache: [slots, kv_lora + rope].
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttnMetadata,
+                cache: torch.Tensor) -> torch.Tensor:
+        """x: [N, H] laid out decode rows first, then prefill chunks (the engine's AttnMetadata);
+        cos/sin: [N, rope/2]; cache: [slots, kv_lora + rope].
 
         Returns this rank's partial o_proj output [N, H] (sum over ranks = attention output).
         """
         c = self.cfg
         N = x.shape[0]
-        nope, rope, kvl = c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank
-        if c.q_lora_rank:
-            q = F.linear(self.q_a_layernorm(F.linear(x, self.q_a_proj)), self.q_b_proj)
-        else:
-            q = F.linear(x, self.q_proj)
+        nope, kvl = c.qk_nope_head_dim, c.kv_lora_rank
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if c.q_lora_rank else self.q_proj(x)
         q = q.view(N, self.h, c.qk_head_dim)                                  # [N, h, nope+rope]
         q_nope, q_rope = q[..., :nope], apply_rope(q[..., nope:], cos, sin, c.rope_interleave)
-        ckv = F.linear(x, self.kv_a_proj_with_mqa)                            # [N, kvl + rope]
-        latent = self.kv_a_layernorm(ckv[:, :kvl])                            # [N, kvl]
-        k_rope = apply_rope(ckv[:, kvl:], cos, sin, c.rope_interleave)        # [N, rope]
-        cache[slot_mapping] = torch.cat([latent, k_rope], dim=-1).to(cache.dtype)
+        ckv = self.kv_a_proj_with_mqa(x)                                      # [N, kvl + rope]
+        new = torch.cat([self.kv_a_layernorm(ckv[:, :kvl]),
+                         apply_rope(ckv[:, kvl:], cos, sin, c.rope_interleave)], dim=-1)  # [N, kvl+rope]
+        cache.index_copy_(0, meta.slot_mapping, new.to(cache.dtype))
 
-        w_kv = self.kv_b_proj.view(self.h, nope + c.v_head_dim, kvl)          # [h, nope+v, kvl]
-        if all(s.q_len == 1 for s in seqs):
-            out = self._decode(q_nope, q_rope, seqs, cache, w_kv)
-        else:
-            out = torch.cat([self._prefill(q_nope[s.q_start:s.q_start + s.q_len],
-                                           q_rope[s.q_start:s.q_start + s.q_len], s, cache, w_kv)
-                             for s in seqs])
-        return F.linear(out.reshape(N, self.h * c.v_head_dim), self.o_proj)
+        w_kv = self.kv_b_proj.weight.view(self.h, nope + c.v_head_dim, kvl)  # [h, nope+v, kvl]
+        outs = []
+        B = meta.num_decode
+        if B:
+            mask = None if meta.decode_mask is None else meta.decode_mask[:, 0]  # [B, 1, L]
+            outs.append(self._decode(q_nope[:B], q_rope[:B], cache[meta.decode_slots], mask, w_kv))
+        for p in meta.prefills:
+            lat = new[p.q_start:p.q_end] if p.ctx_slots is None else cache[p.ctx_slots]
+            outs.append(self._prefill(q_nope[p.q_start:p.q_end], q_rope[p.q_start:p.q_end], lat, p.mask, w_kv))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)                 # [N, h, v]
+        return self.o_proj(out.reshape(N, self.h * c.v_head_dim))
 
-    def _prefill(self, q_nope, q_rope, s: SeqChunk, cache, w_kv) -> torch.Tensor:
-        """q_*: [T, h, *] -> [T, h, v]; K/V expanded from the latent of the whole context."""
-        c = self.cfg
-        nope, kvl = c.qk_nope_head_dim, c.kv_lora_rank
-        lat = cache[s.slots[:s.ctx_len]].to(q_nope.dtype)                     # [C, kvl + rope]
+    def _prefill(self, q_nope, q_rope, lat, mask, w_kv) -> torch.Tensor:
+        """q_*: [T, h, *], lat: [C, kvl + rope] of the context -> [T, h, v]; K/V expanded per head.
+        mask: [T, C] bool (None: the chunk is the whole context, causal)."""
+        nope, kvl = self.cfg.qk_nope_head_dim, self.cfg.kv_lora_rank
+        lat = lat.to(q_nope.dtype)
         kv = torch.einsum("ck,hdk->hcd", lat[:, :kvl], w_kv)                  # [h, C, nope+v]
-        k_nope, v = kv[..., :nope], kv[..., nope:]
         k_rope = lat[:, kvl:].unsqueeze(0).expand(self.h, -1, -1)             # [h, C, rope]
-        k = torch.cat([k_nope, k_rope], dim=-1)                               # [h, C, qk]
+        k = torch.cat([kv[..., :nope], k_rope], dim=-1)                       # [h, C, qk]
         q = torch.cat([q_nope, q_rope], dim=-1).transpose(0, 1)               # [h, T, qk]
-        T, C = q.shape[1], k.shape[1]
-        qpos = torch.arange(C - T, C).unsqueeze(1)
-        mask = torch.arange(C).unsqueeze(0) <= qpos                           # [T, C]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # [h, T, v]
+        o = F.scaled_dot_product_attention(q, k, kv[..., nope:], attn_mask=mask, is_causal=mask is None,
+                                           scale=self.scale)                 # [h, T, v]
         return o.transpose(0, 1)
 
-    def _decode(self, q_nope, q_rope, seqs: list[SeqChunk], cache, w_kv) -> torch.Tensor:
-        """One query per sequence, absorbed weights: q_nope [B, h, nope] -> [B, h, v]."""
-        c = self.cfg
-        nope, kvl = c.qk_nope_head_dim, c.kv_lora_rank
-        B, T = len(seqs), max(s.ctx_len for s in seqs)
-        idx = torch.zeros(B, T, dtype=torch.long)
-        valid = torch.zeros(B, T, dtype=torch.bool)
-        for b, s in enumerate(seqs):
-            idx[b, :s.ctx_len] = s.slots[:s.ctx_len]
-            valid[b, :s.ctx_len] = True
-        lat = cache[idx].to(q_nope.dtype)                                     # [B, T, kvl + rope]
+    def _decode(self, q_nope, q_rope, lat, mask, w_kv) -> torch.Tensor:
+        """One query per sequence with absorbed weights. q_nope: [B, h, nope], lat: [B, L, kvl+rope],
+        mask: [B, 1, L] bool or None -> [B, h, v]."""
+        nope, kvl = self.cfg.qk_nope_head_dim, self.cfg.kv_lora_rank
+        lat = lat.to(q_nope.dtype)
         c_kv, k_rope = lat[..., :kvl], lat[..., kvl:]
         q_lat = torch.einsum("bhn,hnk->bhk", q_nope, w_kv[:, :nope])          # [B, h, kvl]
         scores = (torch.einsum("bhk,btk->bht", q_lat, c_kv)
-                  + torch.einsum("bhr,btr->bht", q_rope, k_rope)) * self.scale  # [B, h, T]
-        scores = scores.float().masked_fill(~valid[:, None, :], float("-inf"))
+                  + torch.einsum("bhr,btr->bht", q_rope, k_rope)).float() * self.scale  # [B, h, L]
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
         p = scores.softmax(-1).to(c_kv.dtype)
         o_lat = torch.einsum("bht,btk->bhk", p, c_kv)                         # [B, h, kvl]
         return torch.einsum("bhk,hvk->bhv", o_lat, w_kv[:, nope:])            # [B, h, v]

@@ -1,121 +1,148 @@
-"""Native DeepSeek-V3/R1 model: MLA attention (tp) + MoE (ep), loading only this rank's weights.
+"""Native DeepSeek-V3/R1 for the engine: MLA attention (tensor parallel) + MoE (expert parallel).
 
-The model takes a flat batch of new tokens from any number of sequences (prefill chunks or one
-decode token each) and a paged latent cache, and returns the logits of each sequence's last token.
-Parallelism lives in the layers' weight loaders and in two all-reduces per layer (after o_proj,
-after the MoE/MLP); the layer code is otherwise the single-GPU model.
+Implements the engine's model interface (services/inference/engine/models/__init__.py):
+    cls(hf_config, comm, dtype, device, max_pos); kv_cache_spec(); forward(ids, positions, meta,
+    caches) -> hidden; compute_logits(hidden) -> logits on rank 0; skip_checkpoint_tensor(name)
+Parameter names equal the checkpoint's, and each parameter reads only this rank's slice, so the
+engine's load_weights loads it (FP8 block weights dequantized per slice as they arrive). Ranks
+share one group: 1/world of the heads, dense/shared MLP columns, vocabulary and routed experts
+each; two all-reduces per layer (after o_proj, after the MoE/MLP).
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import MLAttention, RMSNorm, SeqChunk, _param, rope_inv_freq
+from services.inference.engine.attention import AttnMetadata
+from services.inference.engine.comm import Comm
+from services.inference.engine.loader import load_weights
+
+from .attention import MLAttention, RMSNorm, rope_inv_freq
 from .config import DeepseekConfig
-from .loader import WeightReader
 from .moe import DenseMLP, MoE
-from .parallel import Parallel
 from .params import shard_range
+from .weights import sharded_param
+
+_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: DeepseekConfig, i: int, par: Parallel, dtype: torch.dtype):
+    def __init__(self, cfg: DeepseekConfig, i: int, comm: Comm, dtype, device):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.self_attn = MLAttention(cfg, par.rank, par.world, dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.self_attn = MLAttention(cfg, comm.rank, comm.size, dtype, device)
         self.is_moe = cfg.is_moe_layer(i)
-        self.mlp = (MoE(cfg, par.rank, par.world, dtype) if self.is_moe
-                    else DenseMLP(cfg.hidden_size, cfg.intermediate_size, par.rank, par.world, dtype))
-        self.par = par
+        self.mlp = (MoE(cfg, comm.rank, comm.size, dtype, device) if self.is_moe
+                    else DenseMLP(cfg.hidden_size, cfg.intermediate_size, comm.rank, comm.size, dtype, device,
+                                  cfg.fp8_block))
+        self.comm = comm
 
-    def forward(self, h, cos, sin, seqs, slot_mapping, cache):
-        a = self.self_attn(self.input_layernorm(h), cos, sin, seqs, slot_mapping, cache)
-        h = h + self.par.all_reduce(a)
-        m = self.mlp(self.post_attention_layernorm(h))
-        return h + self.par.all_reduce(m)
+    def forward(self, h, cos, sin, meta, cache):
+        h = h + self.comm.all_reduce(self.self_attn(self.input_layernorm(h), cos, sin, meta, cache))
+        return h + self.comm.all_reduce(self.mlp(self.post_attention_layernorm(h)))
 
 
-class DeepseekV3(nn.Module):
-    def __init__(self, cfg: DeepseekConfig, par: Parallel | None = None, dtype: torch.dtype = torch.float32):
+class VocabEmbedding(nn.Module):
+    def __init__(self, rows: tuple[int, int], hidden: int, dtype, device):
         super().__init__()
-        self.cfg, self.par, self.dtype = cfg, par or Parallel(), dtype
-        p = self.par
-        self.vocab = shard_range(cfg.vocab_size, p.world, p.rank)
-        self.vocab_per_rank = -(-cfg.vocab_size // p.world)
-        self.embed = _param(self.vocab[1] - self.vocab[0], cfg.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, p, dtype) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.lm_head = _param(self.vocab_per_rank, cfg.hidden_size, dtype=dtype)  # zero-padded rows
-        self.register_buffer("inv_freq", rope_inv_freq(cfg.rope, cfg.qk_rope_head_dim), persistent=False)
+        self.rows = rows
+        self.weight = sharded_param((rows[1] - rows[0], hidden), dtype, device, rows=rows)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:        # ids: [N] -> partial [N, H]
+        v0, v1 = self.rows
+        local = (ids >= v0) & (ids < v1)
+        return F.embedding((ids - v0).clamp(0, max(v1 - v0 - 1, 0)), self.weight) * local.unsqueeze(-1)
+
+
+class DeepseekModel(nn.Module):
+    def __init__(self, cfg: DeepseekConfig, comm: Comm, dtype, device):
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(shard_range(cfg.vocab_size, comm.size, comm.rank),
+                                           cfg.hidden_size, dtype, device)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, comm, dtype, device)
+                                    for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+
+
+class DeepseekV3ForCausalLM(nn.Module):
+    def __init__(self, hf_config, comm: Comm | None = None, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", max_pos: int | None = None):
+        super().__init__()
+        cfg = hf_config if isinstance(hf_config, DeepseekConfig) else DeepseekConfig.from_dict(hf_config.to_dict())
+        if cfg.tie_word_embeddings:
+            raise ValueError("tied embeddings are not supported for DeepSeek-V3 (R1 does not tie them)")
+        self.cfg, self.comm, self.dtype = cfg, comm or Comm(), dtype
+        c = self.comm
+        device = torch.device(device)
+        self.model = DeepseekModel(cfg, c, dtype, device)
+        self.vocab_per_rank = -(-cfg.vocab_size // c.size)
+        self.lm_head = nn.Module()
+        self.lm_head.weight = sharded_param((self.vocab_per_rank, cfg.hidden_size), dtype, device,
+                                            rows=shard_range(cfg.vocab_size, c.size, c.rank))
+        self.register_buffer("inv_freq", rope_inv_freq(cfg.rope, cfg.qk_rope_head_dim).to(device),
+                             persistent=False)
+        self.local_experts = range(0) if not cfg.n_routed_experts else next(
+            l.mlp.local for l in self.model.layers if l.is_moe)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, par: Parallel | None = None,
-                        dtype: torch.dtype = torch.float32) -> "DeepseekV3":
-        cfg = DeepseekConfig.load(folder)
-        model = cls(cfg, par, dtype)
-        model.load(WeightReader(folder, cfg.fp8_block))
+    def from_pretrained(cls, folder: str | Path, comm: Comm | None = None, dtype: torch.dtype = torch.float32,
+                        device: str = "cpu") -> "DeepseekV3ForCausalLM":
+        model = cls(DeepseekConfig.load(folder), comm, dtype, device)
+        with torch.no_grad():
+            model.weight_bytes_read = load_weights(model, folder)
         return model.eval()
 
+    # -- engine interface -------------------------------------------------------------------
+    def skip_checkpoint_tensor(self, name: str) -> bool:
+        """Other ranks' experts and the MTP module(s) stored after the last layer are never read."""
+        m = _EXPERT.match(name)
+        if m and int(m.group(2)) not in self.local_experts:
+            return True
+        m = _LAYER.match(name)
+        return bool(m and int(m.group(1)) >= self.cfg.num_hidden_layers) or "rotary_emb" in name
+
+    def kv_cache_spec(self) -> tuple[int, tuple[int, ...]]:
+        """One latent + rope key per token and layer, the same on every rank (MLA)."""
+        return self.cfg.num_hidden_layers, (self.cfg.kv_lora_rank + self.cfg.qk_rope_head_dim,)
+
     @torch.no_grad()
-    def load(self, reader: WeightReader) -> None:
-        """Read this rank's slices only; FP8 slices are dequantized on CPU as they are read."""
-        def read(name, rows=None, cols=None):
-            return reader.read(name, rows, cols, self.dtype)
-        self.embed.copy_(read("model.embed_tokens.weight", rows=self.vocab))
-        for i, layer in enumerate(self.layers):
-            p = f"model.layers.{i}."
-            layer.input_layernorm.weight.copy_(read(p + "input_layernorm.weight"))
-            layer.post_attention_layernorm.weight.copy_(read(p + "post_attention_layernorm.weight"))
-            layer.self_attn.load(read, p + "self_attn.")
-            layer.mlp.load(read, p + "mlp.")
-        self.norm.weight.copy_(read("model.norm.weight"))
-        head = "model.embed_tokens.weight" if self.cfg.tie_word_embeddings else "lm_head.weight"
-        n = self.vocab[1] - self.vocab[0]
-        self.lm_head.zero_()
-        self.lm_head[:n].copy_(read(head, rows=self.vocab))
-        self.weight_bytes_read = reader.bytes_read
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
+                caches: torch.Tensor) -> torch.Tensor:
+        """input_ids/positions: [N]; caches: [layers, slots, kv_lora + rope] -> normed hidden [N, H]."""
+        h = self.comm.all_reduce(self.model.embed_tokens(input_ids))         # [N, H]
+        freqs = positions.float().unsqueeze(-1) * self.inv_freq              # [N, rope/2]
+        af = self.cfg.rope.cos_sin_scale
+        cos, sin = (freqs.cos() * af).to(self.dtype), (freqs.sin() * af).to(self.dtype)
+        for layer, cache in zip(self.model.layers, caches):
+            h = layer(h, cos, sin, meta, cache)
+        return self.model.norm(h)
+
+    @torch.no_grad()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """hidden: [S, H] -> float32 logits [S, vocab] on rank 0, None on other ranks."""
+        logits = self.comm.gather_cat(F.linear(hidden, self.lm_head.weight).float())
+        return None if logits is None else logits[:, :self.cfg.vocab_size]
+
+    # -- expert load ------------------------------------------------------------------------
+    def expert_load(self) -> torch.Tensor:
+        """Routed-token counts [moe_layers, n_routed_experts] since load (identical on every rank)."""
+        return torch.stack([l.mlp.tokens_per_expert for l in self.model.layers if l.is_moe]).cpu()
 
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.parameters())
-
-    def new_cache(self, num_slots: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Latent cache [layers, slots, kv_lora_rank + qk_rope_head_dim] (replicated over tp ranks)."""
-        c = self.cfg
-        return torch.zeros(c.num_hidden_layers, num_slots, c.kv_lora_rank + c.qk_rope_head_dim,
-                           dtype=dtype or self.dtype)
-
-    @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, seqs: list[SeqChunk],
-                slot_mapping: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-        """input_ids/positions/slot_mapping: [N]; returns logits [len(seqs), vocab] (float32)."""
-        v0, v1 = self.vocab
-        local = (input_ids >= v0) & (input_ids < v1)
-        h = F.embedding((input_ids - v0).clamp(0, v1 - v0 - 1), self.embed) * local.unsqueeze(-1)
-        h = self.par.all_reduce(h)                                            # [N, H]
-        freqs = positions.float().unsqueeze(-1) * self.inv_freq               # [N, rope/2]
-        af = self.cfg.rope.cos_sin_scale
-        cos, sin = (freqs.cos() * af).to(self.dtype), (freqs.sin() * af).to(self.dtype)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, seqs, slot_mapping, cache[i])
-        last = torch.tensor([s.q_start + s.q_len - 1 for s in seqs])
-        x = self.norm(h[last])                                                # [S, H]
-        logits = self.par.all_gather_last(F.linear(x, self.lm_head).float())  # [S, V_padded]
-        return logits[:, :self.cfg.vocab_size]
-
-    def expert_load(self) -> torch.Tensor:
-        """Routed-token counts [moe_layers, n_routed_experts] since load (identical on every rank)."""
-        return torch.stack([l.mlp.tokens_per_expert for l in self.layers if l.is_moe])
 
 
 def imbalance(counts: torch.Tensor, ep: int = 1) -> dict[str, float]:
     """Load imbalance of expert counts [layers, E]: max/mean per expert and per EP rank.
 
-    1.0 is perfect balance; the per-rank figure is what bounds an EP step (the busiest rank
-    finishes last). Layers are averaged.
+    1.0 is perfect balance; the per-rank figure bounds an EP step (the busiest rank finishes
+    last). Averaged over layers.
     """
     c = counts.double()
     mean = c.mean(-1).clamp(min=1e-9)

@@ -19,68 +19,59 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import _param
 from .config import DeepseekConfig
 from .params import experts_of_rank, shard_range
+from .weights import Linear, sharded_param
 
 
 class DenseMLP(nn.Module):
     """SwiGLU, column/row parallel over tp ranks; returns the partial down projection."""
 
-    def __init__(self, hidden: int, inter: int, tp_rank: int, tp: int, dtype: torch.dtype):
+    def __init__(self, hidden: int, inter: int, tp_rank: int, tp: int, dtype, device=None, block=None):
         super().__init__()
-        self.cols = shard_range(inter, tp, tp_rank)
-        n = self.cols[1] - self.cols[0]
-        self.gate_proj = _param(n, hidden, dtype=dtype)
-        self.up_proj = _param(n, hidden, dtype=dtype)
-        self.down_proj = _param(hidden, n, dtype=dtype)
-
-    def load(self, read, prefix: str) -> None:
-        self.gate_proj.copy_(read(prefix + "gate_proj.weight", rows=self.cols))
-        self.up_proj.copy_(read(prefix + "up_proj.weight", rows=self.cols))
-        self.down_proj.copy_(read(prefix + "down_proj.weight", cols=self.cols))
+        cols = shard_range(inter, tp, tp_rank)
+        n = cols[1] - cols[0]
+        self.gate_proj = Linear(n, hidden, dtype, device, rows=cols, block=block)
+        self.up_proj = Linear(n, hidden, dtype, device, rows=cols, block=block)
+        self.down_proj = Linear(hidden, n, dtype, device, cols=cols, block=block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.silu(F.linear(x, self.gate_proj)) * F.linear(x, self.up_proj), self.down_proj)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """The replicated router: weight [E, H] and e_score_correction_bias [E], float32."""
+
+    def __init__(self, E: int, H: int, device=None):
+        super().__init__()
+        self.weight = sharded_param((E, H), torch.float32, device)
+        self.e_score_correction_bias = sharded_param((E,), torch.float32, device)
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: DeepseekConfig, rank: int, world: int, dtype: torch.dtype):
+    def __init__(self, cfg: DeepseekConfig, rank: int, world: int, dtype, device=None):
         super().__init__()
         self.cfg = cfg
         E, H, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
         if E % world:
             raise ValueError(f"n_routed_experts {E} must divide by the expert-parallel size {world}")
         self.local = experts_of_rank(cfg, world, rank)
-        n = len(self.local)
-        self.gate = _param(E, H)                                  # router weight, float32
-        self.bias = _param(E)                                     # e_score_correction_bias
-        self.w13 = _param(n, 2 * I, H, dtype=dtype)               # gate_proj ; up_proj per expert
-        self.w2 = _param(n, H, I, dtype=dtype)                    # down_proj per expert
-        self.shared = (DenseMLP(H, I * cfg.n_shared_experts, rank, world, dtype)
-                       if cfg.n_shared_experts else None)
-        self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.long), persistent=False)
-
-    def load(self, read, prefix: str) -> None:
-        self.gate.copy_(read(prefix + "gate.weight"))
-        self.bias.copy_(read(prefix + "gate.e_score_correction_bias"))
-        I = self.cfg.moe_intermediate_size
-        for j, e in enumerate(self.local):
-            p = f"{prefix}experts.{e}."
-            self.w13[j, :I].copy_(read(p + "gate_proj.weight"))
-            self.w13[j, I:].copy_(read(p + "up_proj.weight"))
-            self.w2[j].copy_(read(p + "down_proj.weight"))
-        if self.shared is not None:
-            self.shared.load(read, prefix + "shared_experts.")
+        self.gate = Router(E, H, device)
+        # only this rank's experts exist here; their names match the checkpoint's keys
+        self.experts = nn.ModuleDict({str(e): DenseMLP(H, I, 0, 1, dtype, device, cfg.fp8_block)
+                                      for e in self.local})
+        self.shared_experts = (DenseMLP(H, I * cfg.n_shared_experts, rank, world, dtype, device, cfg.fp8_block)
+                               if cfg.n_shared_experts else None)
+        self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.long, device=device),
+                             persistent=False)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [N, H] -> (weights [N, k] float32, expert ids [N, k])."""
         c = self.cfg
         N, E, G = x.shape[0], c.n_routed_experts, c.n_group
-        scores = F.linear(x.float(), self.gate).sigmoid()                      # [N, E]
-        choice = scores + self.bias
-        per_group = choice.view(N, G, E // G)
-        group_scores = per_group.topk(min(2, E // G), dim=-1).values.sum(-1)  # [N, G]
+        scores = F.linear(x.float(), self.gate.weight).sigmoid()              # [N, E]
+        choice = scores + self.gate.e_score_correction_bias
+        group_scores = choice.view(N, G, E // G).topk(min(2, E // G), dim=-1).values.sum(-1)  # [N, G]
         top_groups = group_scores.topk(c.topk_group, dim=-1, sorted=False).indices
         group_mask = torch.zeros_like(group_scores).scatter_(1, top_groups, 1.0).bool()
         allowed = group_mask.unsqueeze(-1).expand(N, G, E // G).reshape(N, E)
@@ -95,15 +86,11 @@ class MoE(nn.Module):
         w, ids = self.route(x)
         self.tokens_per_expert += torch.bincount(ids.flatten(), minlength=self.cfg.n_routed_experts)
         out = torch.zeros_like(x)
-        I = self.cfg.moe_intermediate_size
-        lo = self.local.start
-        mine = (ids >= lo) & (ids < self.local.stop)
+        mine = (ids >= self.local.start) & (ids < self.local.stop)
         for e in torch.unique(ids[mine]).tolist():
             tok, k = torch.where(ids == e)
-            xe = x[tok]                                                       # [n_e, H]
-            gu = F.linear(xe, self.w13[e - lo])                               # [n_e, 2I]
-            ye = F.linear(F.silu(gu[:, :I]) * gu[:, I:], self.w2[e - lo])     # [n_e, H]
+            ye = self.experts[str(e)](x[tok])                                 # [n_e, H]
             out.index_add_(0, tok, (ye * w[tok, k, None]).to(out.dtype))
-        if self.shared is not None:
-            out += self.shared(x)
+        if self.shared_experts is not None:
+            out += self.shared_experts(x)
         return out

@@ -1,0 +1,87 @@
+"""Parameters that load their own slice of a checkpoint tensor, FP8 block weights included.
+
+Every parameter carries `weight_loader(param, src, shard_id)` (the engine's loader protocol,
+services/inference/engine/loader.py): `src` is a safetensors slice, and only rows/cols
+[start, stop) of this rank are read. Parameter names equal the checkpoint's, so the engine's
+load_weights drives loading unchanged.
+
+FP8 (R1's float8_e4m3fn + `weight_scale_inv` per 128x128 block): a Linear of an FP8 checkpoint has
+a second parameter `weight_scale_inv` holding the blocks that cover this rank's slice. Whichever of
+the two tensors arrives second dequantizes the weight in place (fp8 values are exact in bf16/f32),
+on the loading device, so only this rank's slice is ever dequantized.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .fp8 import FP8, block_range, dequant_slice
+
+
+def _slice(src, rows: tuple[int, int] | None, cols: tuple[int, int] | None) -> torch.Tensor:
+    shape = list(src.get_shape()) if hasattr(src, "get_shape") else list(src.shape)
+    r0, r1 = rows or (0, shape[0])
+    if len(shape) == 1:
+        return src[r0:r1]
+    c0, c1 = cols or (0, shape[1])
+    return src[r0:r1, c0:c1]
+
+
+def sharded_param(shape: tuple[int, ...], dtype, device, rows=None, cols=None) -> nn.Parameter:
+    """A parameter holding W[rows, cols] of a checkpoint tensor (whole dims where None)."""
+    p = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device), requires_grad=False)
+    p.rows, p.cols, p.partner, p.raw_fp8, p.loaded = rows, cols, None, False, False
+    p.weight_loader = _load
+    return p
+
+
+def _load(param: nn.Parameter, src, shard_id=None) -> None:
+    t = _slice(src, param.rows, param.cols)
+    if tuple(t.shape) != tuple(param.shape):
+        # vocab-parallel lm_head: the last rank's rows are zero padding
+        if t.dim() == 2 and t.shape[1] == param.shape[1] and t.shape[0] < param.shape[0]:
+            param.data.zero_()
+            param.data[:t.shape[0]].copy_(t)
+            param.loaded = True
+            return
+        raise ValueError(f"shape mismatch: checkpoint slice {list(t.shape)} vs parameter {list(param.shape)}")
+    param.data.copy_(t)                      # float8 -> bf16/f32 is exact
+    param.raw_fp8 = t.dtype == FP8
+    param.loaded = True
+    _maybe_dequant(param)
+
+
+class Linear(nn.Module):
+    """y = x W^T for W[rows, cols] of the checkpoint; with `block`, also weight_scale_inv."""
+
+    def __init__(self, out_f: int, in_f: int, dtype, device, rows=None, cols=None,
+                 block: tuple[int, int] | None = None):
+        super().__init__()
+        self.weight = sharded_param((out_f, in_f), dtype, device, rows, cols)
+        if block is not None:
+            r = block_range(*(rows or (0, out_f)), block[0])
+            c = block_range(*(cols or (0, in_f)), block[1])
+            s = sharded_param((r[1] - r[0], c[1] - c[0]), torch.float32, device, r, c)
+            s.partner, s.block, s.is_scale = self.weight, block, True
+            self.weight.partner, self.weight.block = s, block
+            s.weight_loader = _load_scale
+            self.weight_scale_inv = s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight)
+
+
+def _load_scale(param: nn.Parameter, src, shard_id=None) -> None:
+    param.data.copy_(_slice(src, param.rows, param.cols))
+    param.loaded = True
+    _maybe_dequant(param.partner)
+
+
+def _maybe_dequant(w: nn.Parameter) -> None:
+    s = w.partner
+    if s is None or not (w.loaded and s.loaded and w.raw_fp8):
+        return
+    r0 = (w.rows or (0, 0))[0]
+    c0 = (w.cols or (0, 0))[0]
+    w.data.copy_(dequant_slice(w.data, s.data, r0, c0, w.block, w.dtype))
+    w.raw_fp8 = False
