@@ -5,6 +5,7 @@ second gateway, both built by their own create_server() with privlm.telemetry in
 with its own tracer provider (service name), as `privlm up` will run them.
 """
 from __future__ import annotations
+from privlm.transport import PLAINTEXT_DEV
 
 import asyncio
 import secrets
@@ -19,6 +20,17 @@ from privlm.telemetry.spanstore import read_store
 from privlm.v1 import inference_pb2, inference_pb2_grpc
 
 SECRET = "acct-7781-2231-balance-5520193.17"
+
+
+def dev_config(cls, **kwargs):
+    """cls(**kwargs) with plaintext development transport where the config has a transport field."""
+    import dataclasses
+
+    if "transport" in {f.name for f in dataclasses.fields(cls)}:
+        from privlm.transport import PLAINTEXT_DEV
+
+        kwargs.setdefault("transport", PLAINTEXT_DEV)
+    return cls(**kwargs)
 
 
 @pytest.mark.slow
@@ -38,12 +50,12 @@ def test_one_trace_across_gateway_and_worker(stack, loop_thread, default_model, 
                                   set_global=False) for name in ("privlm-worker", "privlm-gateway")}
     wt, gt = tels["privlm-worker"], tels["privlm-gateway"]
     worker, wport, whealth = run(create_worker(
-        WorkerServerConfig(engine=EngineConfig(model=str(default_model), dtype="float32")), stack.engine,
+        WorkerServerConfig(engine=EngineConfig(model=str(default_model), dtype="float32"), transport=PLAINTEXT_DEV), stack.engine,
         server_interceptors(wt.tracer_provider, Instruments(wt.meter_provider))))
     run(worker.start())
     run(whealth.set("", SERVING))
     gateway, gport, service, _ = run(create_gateway(
-        GatewayConfig(models=(ModelRoute(str(default_model), f"127.0.0.1:{wport}"),), allow_anonymous=True),
+        GatewayConfig(transport=PLAINTEXT_DEV, models=(ModelRoute(str(default_model), f"127.0.0.1:{wport}"),), allow_anonymous=True),
         server_interceptors=server_interceptors(gt.tracer_provider, Instruments(gt.meter_provider)),
         client_interceptors=client_interceptors(gt.tracer_provider)))
     run(gateway.start())
