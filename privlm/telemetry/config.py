@@ -40,3 +40,22 @@ class TelemetryConfig:
         check(0.0 <= self.sampling_ratio <= 1.0, f"sampling_ratio must be in [0, 1], got {self.sampling_ratio}")
         check(self.export_batch_size >= 1, "export_batch_size must be >= 1")
         check(self.export_delay_ms >= 1, "export_delay_ms must be >= 1")
+
+
+def add_arguments(parser) -> None:
+    """The telemetry flags every service entrypoint accepts (argparse)."""
+    g = parser.add_argument_group("telemetry")
+    g.add_argument("--otlp-endpoint", default=None,
+                   help="OTLP/gRPC collector host:port for traces (Jaeger: 4317); unset: spans are not exported")
+    g.add_argument("--otlp-tls", action="store_true", help="use TLS to the collector (default: plaintext)")
+    g.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on this port (0: pick a free one; unset: off)")
+    g.add_argument("--metrics-host", default="127.0.0.1")
+    g.add_argument("--trace-sampling", type=float, default=1.0, help="fraction of new traces sampled")
+
+
+def from_args(args, service_name: str) -> TelemetryConfig:
+    """TelemetryConfig from the flags added by add_arguments()."""
+    return TelemetryConfig(service_name=service_name, otlp_endpoint=args.otlp_endpoint,
+                           otlp_insecure=not args.otlp_tls, metrics_host=args.metrics_host,
+                           metrics_port=args.metrics_port, sampling_ratio=args.trace_sampling)

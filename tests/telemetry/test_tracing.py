@@ -109,3 +109,26 @@ def test_receiver_store_survives_torn_line(tmp_path):
     store = tmp_path / "s.jsonl"
     store.write_text('{"trace_id": "a", "name": "x"}\n{"trace_id": "b", "na')
     assert [r["trace_id"] for r in read_store(store)] == ["a"]
+
+
+def test_standalone_receiver_process(tmp_path):
+    """`python -m privlm.telemetry.receiver` (what `privlm up` runs): stores spans, stops on SIGTERM."""
+    import signal
+
+    store = tmp_path / "traces" / "spans.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "privlm.telemetry.receiver", "--store", str(store), "--port", "0"],
+                            stdout=subprocess.PIPE, cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        info = json.loads(proc.stdout.readline())
+        tel = _tel("privlm-test", f"127.0.0.1:{info['port']}")
+        with tel.tracer().start_as_current_span("outer"):
+            with tel.tracer().start_as_current_span("inner", attributes={"gen_ai.usage.output_tokens": 7}):
+                pass
+        tel.shutdown()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    spans = {s["name"]: s for s in read_store(store)}
+    assert spans["inner"]["parent_span_id"] == spans["outer"]["span_id"]
+    assert spans["inner"]["attributes"]["gen_ai.usage.output_tokens"] == 7
+    assert spans["outer"]["service"] == "privlm-test"
