@@ -11,8 +11,11 @@ import asyncio
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
 from privlm.errors import InvalidArgument, ResourceExhausted
 from privlm.grpcserver import SERVING, add_health_and_reflection, bind, new_server
@@ -50,24 +53,33 @@ def _parameters(info) -> pb.CkksParameters:
 
 
 class HomomorphicPreprocessorServicer(pb_grpc.HomomorphicPreprocessorServicer):
-    def __init__(self, engine: HEEngine, config: HEServiceConfig):
+    def __init__(self, engine: HEEngine, config: HEServiceConfig, tracer: trace.Tracer | None = None):
         self.engine = engine
         self.config = config
         self.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="privlm-he")
+        self.tracer = tracer or trace.get_tracer("privlm.he")
         self._pending = 0
 
-    async def _run(self, fn, *args):
+    async def _run(self, span_name: str, attrs: dict, fn, *args):
+        """Run engine work on the pool inside a business span (sizes and ids only: never values/keys)."""
         if self._pending >= self.config.max_pending:
             raise ResourceExhausted(f"{self._pending} HE requests in progress (limit {self.config.max_pending}); "
                                     "retry with backoff")
         self._pending += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
-        finally:
-            self._pending -= 1
+        with self.tracer.start_as_current_span(span_name, attributes=attrs, record_exception=False,
+                                               set_status_on_exception=False) as span:
+            try:
+                return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+            except Exception as exc:
+                span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+                raise
+            finally:
+                self._pending -= 1
 
     async def RegisterContext(self, request, context):
-        cid, info, already = await self._run(self.engine.register_context, _tenant(context), request.public_context)
+        cid, info, already = await self._run("privlm.he.register_context",
+                                             {"privlm.he.context_bytes": len(request.public_context)},
+                                             self.engine.register_context, _tenant(context), request.public_context)
         return pb.RegisterContextResponse(context_id=cid, parameters=_parameters(info), already_registered=already)
 
     async def DeleteContext(self, request, context):
@@ -82,7 +94,10 @@ class HomomorphicPreprocessorServicer(pb_grpc.HomomorphicPreprocessorServicer):
         job = ScoreJob(context_id=request.context_id, model_id=request.model_id, packing=_PACKING[request.packing],
                        num_records=request.num_records, ciphertexts=list(request.ciphertexts),
                        activation=_ACTIVATION[request.activation])
-        out = await self._run(self.engine.score, _tenant(context), job)
+        attrs = {"privlm.he.context_id": request.context_id[:16], "privlm.he.model_id": request.model_id[:23],
+                 "privlm.he.packing": job.packing, "privlm.he.records": job.num_records,
+                 "privlm.he.ciphertexts": len(job.ciphertexts), "privlm.he.activation": job.activation}
+        out = await self._run("privlm.he.score", attrs, self.engine.score, _tenant(context), job)
         return pb.ScoreBatchResponse(context_id=out.context_id, model_id=out.model.model_id,
                                      model_version=out.model.version, packing=_PACKING_PB[out.packing],
                                      num_records=out.num_records, scores=out.scores,
@@ -96,8 +111,10 @@ class HomomorphicPreprocessorServicer(pb_grpc.HomomorphicPreprocessorServicer):
             stats.append(_STAT[s])
         if request.axis not in _AXIS:
             raise InvalidArgument("axis must be AXIS_CIPHERTEXTS or AXIS_SLOTS")
-        out = await self._run(self.engine.aggregate, _tenant(context), request.context_id, list(request.ciphertexts),
-                              stats, _AXIS[request.axis])
+        attrs = {"privlm.he.context_id": request.context_id[:16], "privlm.he.ciphertexts": len(request.ciphertexts),
+                 "privlm.he.statistics": ",".join(stats), "privlm.he.axis": _AXIS[request.axis]}
+        out = await self._run("privlm.he.aggregate", attrs, self.engine.aggregate, _tenant(context),
+                              request.context_id, list(request.ciphertexts), stats, _AXIS[request.axis])
         return pb.AggregateResponse(context_id=out.context_id, count=out.count, length=out.length, results=[
             pb.AggregateResult(statistic=_STAT_PB[s], ciphertext=ct, levels_left=lv) for s, ct, lv in out.results])
 
@@ -123,16 +140,20 @@ class HomomorphicPreprocessorServicer(pb_grpc.HomomorphicPreprocessorServicer):
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
-async def create_server(config: HEServiceConfig) -> tuple[grpc.aio.Server, int]:
+async def create_server(config: HEServiceConfig, interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+                        tracer_provider: trace.TracerProvider | None = None) -> tuple[grpc.aio.Server, int]:
     """Build and bind the service (not started). The servicer is reachable as `server.privlm_servicer`
     (tests inspect the engine it holds); `server.privlm_health` is the health servicer. With
-    config.tls_dir: mTLS, callers limited to config.allowed_peers; without: plaintext, with a warning."""
+    config.tls_dir: mTLS, callers limited to config.allowed_peers; without: plaintext, with a warning.
+    `interceptors` run first (e.g. privlm.telemetry.server_interceptors()); business spans
+    privlm.he.* come from `tracer_provider` (default: the global one)."""
     models = [load_model(p) for p in config.model_files]
     engine = HEEngine(config, models)
-    servicer = HomomorphicPreprocessorServicer(engine, config)
+    tracer = (tracer_provider or trace.get_tracer_provider()).get_tracer("privlm.he")
+    servicer = HomomorphicPreprocessorServicer(engine, config, tracer)
     from enclave import certs
 
-    interceptors, credentials = [], None
+    interceptors, credentials = list(interceptors), None
     if config.tls_dir:
         interceptors.append(certs.PeerIdentityInterceptor(set(config.allowed_peers)))
         credentials = certs.server_credentials(config.tls_dir, "he")
@@ -149,9 +170,9 @@ async def create_server(config: HEServiceConfig) -> tuple[grpc.aio.Server, int]:
     return server, port
 
 
-async def serve(config: HEServiceConfig, ready=None) -> None:
+async def serve(config: HEServiceConfig, ready=None, interceptors=()) -> None:
     """Run until SIGTERM/SIGINT, then stop gracefully (in-flight RPCs get grace_seconds)."""
-    server, port = await create_server(config)
+    server, port = await create_server(config, interceptors)
     await server.start()
     log.info("HE service listening on %s:%d", config.host, port)
     print(f"privlm he: serving {SERVICE_NAME} on {config.host}:{port}", flush=True)
@@ -183,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="DEVELOPMENT ONLY: plaintext gRPC (also the default without --tls-dir; warns)")
     parser.add_argument("--workers", type=int)
     parser.add_argument("--max-request-bytes", type=int)
+    parser.add_argument("--otlp-endpoint", help="export traces to this OTLP/gRPC collector (host:port)")
     args = parser.parse_args(argv)
     from privlm.config import ConfigError, load_file
     import dataclasses
@@ -205,7 +227,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"privlm he: {exc}", flush=True)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(serve(config))
+    telemetry, interceptors = None, ()
+    if args.otlp_endpoint:
+        from privlm.telemetry import TelemetryConfig, server_interceptors, setup_telemetry
+
+        telemetry = setup_telemetry(TelemetryConfig(service_name="privlm-he", otlp_endpoint=args.otlp_endpoint))
+        interceptors = server_interceptors()
+    try:
+        asyncio.run(serve(config, interceptors=interceptors))
+    finally:
+        if telemetry is not None:
+            telemetry.shutdown()
     return 0
 
 

@@ -134,3 +134,46 @@ def test_several_clients_at_once(target, he_model):
     assert not errors, errors
     assert sorted(results) == list(range(5))
     assert max(results.values()) < 1e-3
+
+
+def test_trace_spans_carry_sizes_not_values(loop_thread, tmp_path, he_model, keys1):
+    """One trace client -> server: the RPC span and a privlm.he.score child with sizes and ids only."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+    from services.he.config import HEServiceConfig
+    from services.he.model import save_model
+    from services.he.server import create_server
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    cfg = HEServiceConfig(model_files=(str(save_model(he_model, tmp_path / "m.json")),))
+    server, port = loop_thread.run(create_server(cfg, [aio_server_interceptor(tracer_provider=provider)], provider))
+    loop_thread.run(server.start())
+    try:
+        with HEClient(f"127.0.0.1:{port}") as c:
+            c.register(keys1)
+            x = make_records(3)
+            c.score(keys1, x)
+            with pytest.raises(grpc.RpcError):
+                c.stub.ScoreBatch(pb.ScoreBatchRequest(context_id=keys1.context_id, num_records=1,
+                                                       packing=pb.PACKING_RECORD_PER_CIPHERTEXT,
+                                                       ciphertexts=[b"junk"]), metadata=c.metadata)
+    finally:
+        loop_thread.run(server.stop(0))
+        server.privlm_servicer.close()
+    spans = exporter.get_finished_spans()
+    scores = [s for s in spans if s.name == "privlm.he.score"]
+    assert len(scores) == 2
+    ok, bad = scores
+    rpc = [s for s in spans if s.name.endswith("ScoreBatch")]
+    assert rpc and ok.parent is not None and ok.parent.span_id in {s.context.span_id for s in rpc}
+    assert ok.attributes["privlm.he.records"] == 3 and ok.attributes["privlm.he.packing"] == "record_per_ciphertext"
+    assert bad.status.status_code.name == "ERROR"
+    for s in spans:
+        for v in (s.attributes or {}).values():
+            assert not isinstance(v, bytes) and len(str(v)) < 200
+            assert str(v) not in (str(float(t)) for t in x.ravel())
