@@ -16,6 +16,8 @@ MODELS: dict[str, type] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
 }
+from services.inference.deepseek.model import DeepseekV3ForCausalLM  # noqa: E402 (owned by services/inference/deepseek)
+MODELS["DeepseekV3ForCausalLM"] = DeepseekV3ForCausalLM
 
 
 def register(architecture: str, cls: type) -> None:
