@@ -144,3 +144,40 @@ def _check_aggregate_bounds(keys: BankKeys, vectors: np.ndarray, statistics) -> 
             raise ValueError(f"{stat} of values up to {peak:g} would overflow this depth-{keys.depth} context "
                              f"(bound {keys.value_bound(levels):g} after {levels} level(s)): rescale the values "
                              "(e.g. thousands) or use a deeper preset")
+
+
+class AsyncHEClient:
+    """grpc.aio client for services that forward bank ciphertexts (the gateway's risk-alert stream):
+    the bank encrypted the transaction, this client only moves bytes; whoever holds the key (the bank,
+    or an attested enclave with `BankKeys.import_secret`) decrypts with `read_scores`."""
+
+    def __init__(self, target: str, tenant: str = "default", credentials: grpc.ChannelCredentials | None = None,
+                 interceptors=(), max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, server_name: str = "he"):
+        options = [("grpc.max_send_message_length", max_message_bytes),
+                   ("grpc.max_receive_message_length", max_message_bytes)]
+        if credentials:
+            options.append(("grpc.ssl_target_name_override", server_name))
+            self.channel = grpc.aio.secure_channel(target, credentials, options, interceptors=list(interceptors))
+        else:
+            self.channel = grpc.aio.insecure_channel(target, options, interceptors=list(interceptors))
+        self.stub = pb_grpc.HomomorphicPreprocessorStub(self.channel)
+        self.metadata = ((TENANT_KEY, tenant),)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def register(self, public_context: bytes, timeout: float | None = 60.0) -> str:
+        resp = await self.stub.RegisterContext(pb.RegisterContextRequest(public_context=public_context),
+                                               metadata=self.metadata, timeout=timeout)
+        return resp.context_id
+
+    async def score(self, request: pb.ScoreBatchRequest, timeout: float | None = None) -> pb.ScoreBatchResponse:
+        return await self.stub.ScoreBatch(request, metadata=self.metadata, timeout=timeout)
+
+    async def score_one(self, context_id: str, ciphertext: bytes, *, model_id: str = "", activation: str = "none",
+                        timeout: float | None = None) -> pb.ScoreBatchResponse:
+        """One transaction (one record-per-ciphertext vector) -> its encrypted score (slot 0)."""
+        req = pb.ScoreBatchRequest(context_id=context_id, model_id=model_id, num_records=1,
+                                   packing=pb.PACKING_RECORD_PER_CIPHERTEXT, ciphertexts=[ciphertext],
+                                   activation=ACTIVATION_PB[activation])
+        return await self.stub.ScoreBatch(req, metadata=self.metadata, timeout=timeout)

@@ -177,3 +177,25 @@ def test_trace_spans_carry_sizes_not_values(loop_thread, tmp_path, he_model, key
         for v in (s.attributes or {}).values():
             assert not isinstance(v, bytes) and len(str(v)) < 200
             assert str(v) not in (str(float(t)) for t in x.ravel())
+
+
+def test_async_forwarder_and_enclave_decrypt(loop_thread, target, keys1, he_model):
+    """The risk-alert path: the bank encrypts one transaction, a service forwards the bytes through
+    AsyncHEClient (never able to read them), the holder of the released key decrypts the score."""
+    from services.he.client import AsyncHEClient
+
+    x = make_records(4, seed=31)
+    cts = keys1.encrypt_records(x)                         # at the bank
+
+    async def forward():
+        c = AsyncHEClient(target)
+        try:
+            await c.register(keys1.public_context)
+            return [await c.score_one(keys1.context_id, ct, timeout=30) for ct in cts]
+        finally:
+            await c.close()
+
+    responses = loop_thread.run(forward())
+    enclave = BankKeys.import_secret(keys1.export_secret())
+    got = np.concatenate([read_scores(enclave, r).values for r in responses])
+    np.testing.assert_allclose(got, he_model.logit(x), atol=1e-3)
