@@ -19,7 +19,7 @@ from enclave.audit.checkpoint import Checkpoint, CheckpointError, load_public_ke
 from enclave.audit.events import AuditEvent, EventError
 from enclave.audit.log import CHECKPOINTS, ENTRIES, TamperError, check_against_checkpoints, read_checkpoints, read_entries
 
-MAX_FULL_INCLUSION = 20000
+MAX_FULL_INCLUSION = 200_000
 
 
 def verify_log(log_dir: Path, public_pem: bytes, trusted: Checkpoint | None = None) -> dict:
@@ -35,18 +35,21 @@ def verify_log(log_dir: Path, public_pem: bytes, trusted: Checkpoint | None = No
         except EventError as exc:
             raise EventError(f"entry {i}: {exc}") from exc
     check_against_checkpoints(hashes, cps, pub)
+    tree = merkle.Tree()
+    for lh in hashes:
+        tree.append(lh)
     for a, b in zip(cps, cps[1:]):
-        proof = merkle.consistency_proof(hashes[:b.size], a.size) if 0 < a.size < b.size else []
+        proof = tree.consistency(a.size, b.size) if 0 < a.size < b.size else []
         merkle.verify_consistency(a.size, b.size, a.root, b.root, proof)
     last = cps[-1]
     step = max(1, last.size // MAX_FULL_INCLUSION)
     for i in range(0, last.size, step):
-        merkle.verify_inclusion(hashes[i], i, last.size, merkle.inclusion_proof(hashes[:last.size], i), last.root)
+        merkle.verify_inclusion(hashes[i], i, last.size, tree.inclusion(i, last.size), last.root)
     if trusted is not None:
         trusted.verify(pub)
         if trusted.size > last.size:
             raise TamperError(f"log was truncated: you trusted size {trusted.size}, the log now has {last.size}")
-        proof = merkle.consistency_proof(hashes[:last.size], trusted.size) if 0 < trusted.size < last.size else []
+        proof = tree.consistency(trusted.size, last.size) if 0 < trusted.size < last.size else []
         merkle.verify_consistency(trusted.size, last.size, trusted.root, last.root, proof)
     return {"ok": True, "entries": len(entries), "checkpoints": len(cps), "tree_size": last.size,
             "root_sha256": last.root.hex(), "torn_tail": torn or ctorn,

@@ -121,18 +121,18 @@ class AuditLog:
         if ctorn:
             log.warning("audit log: cutting a torn checkpoint line (crash during append)")
             os.truncate(cpath, cgood)
-        self._entries, self._hashes = entries, hashes
-        self._range = merkle.CompactRange()
+        self._entries = entries
+        self._tree = merkle.Tree()
         for lh in hashes:
-            self._range.append(lh)
+            self._tree.append(lh)
         self._checkpoint = cps[-1] if cps else None
-        if len(hashes) > signed_size or self._checkpoint is None:
+        if self._tree.size > signed_size or self._checkpoint is None:
             # Entries written but not yet checkpointed before a crash: they were never
             # acknowledged, but they are intact, so sign them now rather than lose them.
             self._write_checkpoint()
 
     def _write_checkpoint(self) -> Checkpoint:
-        cp = Checkpoint(self.origin, self._range.size, self._range.root(), int(time.time() * 1000)).signed(self._key)
+        cp = Checkpoint(self.origin, self._tree.size, self._tree.root(), int(time.time() * 1000)).signed(self._key)
         with open(self.dir / CHECKPOINTS, "ab") as f:
             f.write(cp.to_json().encode() + b"\n")
             f.flush()
@@ -154,15 +154,14 @@ class AuditLog:
                 os.fsync(f.fileno())
             if new_file:
                 _fsync_dir(self.dir)
-            index = len(self._hashes)
+            index = self._tree.size
             self._entries.append(body)
-            self._hashes.append(lh)
-            self._range.append(lh)
+            self._tree.append(lh)
             return index, self._write_checkpoint()
 
     @property
     def size(self) -> int:
-        return len(self._hashes)
+        return self._tree.size
 
     def checkpoint(self) -> Checkpoint:
         with self._lock:
@@ -175,17 +174,15 @@ class AuditLog:
 
     def inclusion(self, index: int, size: int) -> list[bytes]:
         with self._lock:
-            if size > len(self._hashes):
-                raise merkle.ProofError(f"tree size {size} is larger than the log ({len(self._hashes)})")
-            return merkle.inclusion_proof(self._hashes[:size], index)
+            return self._tree.inclusion(index, size)
 
     def consistency(self, first: int, second: int) -> list[bytes]:
         with self._lock:
-            if second > len(self._hashes):
-                raise merkle.ProofError(f"tree size {second} is larger than the log ({len(self._hashes)})")
-            if first == second:
+            if second > self._tree.size:
+                raise merkle.ProofError(f"tree size {second} is larger than the log ({self._tree.size})")
+            if first == second or first == 0:
                 return []
-            return merkle.consistency_proof(self._hashes[:second], first) if first else []
+            return self._tree.consistency(first, second)
 
 
 __all__ = ["AuditLog", "TamperError", "CheckpointError", "read_entries", "read_checkpoints",

@@ -47,18 +47,23 @@ def test_rfc6962_known_root_for_empty_and_small_trees():
 @given(n=st.integers(1, 70), data=st.data())
 def test_proofs_verify_and_wrong_ones_fail(n, data):
     hashes = [merkle.leaf_hash(i.to_bytes(4, "big")) for i in range(n)]
-    rng = merkle.CompactRange()
+    rng, tree = merkle.CompactRange(), merkle.Tree()
     for h in hashes:
         rng.append(h)
+        tree.append(h)
     root = merkle.root_from_hashes(hashes)
-    assert rng.root() == root
+    assert rng.root() == root == tree.root()
     i = data.draw(st.integers(0, n - 1))
     proof = merkle.inclusion_proof(hashes, i)
+    assert tree.inclusion(i, n) == proof  # the cached tree gives the same RFC 6962 paths
+    size = data.draw(st.integers(i + 1, n))
+    assert tree.inclusion(i, size) == merkle.inclusion_proof(hashes[:size], i)
     merkle.verify_inclusion(hashes[i], i, n, proof, root)
     with pytest.raises(merkle.ProofError):
         merkle.verify_inclusion(merkle.leaf_hash(b"forged"), i, n, proof, root)
     m = data.draw(st.integers(1, n))
     cproof = merkle.consistency_proof(hashes, m)
+    assert tree.consistency(m, n) == cproof and tree.root(m) == merkle.root_from_hashes(hashes[:m])
     old_root = merkle.root_from_hashes(hashes[:m])
     merkle.verify_consistency(m, n, old_root, root, cproof)
     if m < n:
