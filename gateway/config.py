@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from gateway.tenants import TenantConfig
 from privlm.config import check
+from privlm.transport import TransportConfig
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,7 @@ class ModelRoute:
 @dataclass(frozen=True)
 class GatewayConfig:
     models: tuple[ModelRoute, ...]           # the first one is the default model
+    transport: TransportConfig               # mTLS for clients and the worker hop, or explicit plaintext_dev
     host: str = "127.0.0.1"
     port: int = 0
     default_max_new_tokens: int = 256

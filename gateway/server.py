@@ -13,6 +13,7 @@ import grpc
 from gateway.config import GatewayConfig, ModelRoute
 from gateway.service import Chunk, GatewayService, GenerateInput
 from gateway.tenants import TenantInterceptor, TenantRegistry, current_tenant, load_tenants
+from privlm.transport import add_transport_args, transport_from_args
 from privlm.grpcserver import SERVING, add_health_and_reflection, bind, new_server
 from privlm.v1 import inference_pb2 as pb
 from privlm.v1 import inference_pb2_grpc as pb_grpc
@@ -110,7 +111,7 @@ async def create_server(config: GatewayConfig, server_interceptors=(), client_in
     if extra_services is not None:
         names += extra_services(server, servicer.GenerateStream)
     health = add_health_and_reflection(server, names)
-    port = bind(server, config.host, config.port)
+    port = bind(server, config.host, config.port, config.transport.server_credentials("gateway"))
     for name in ["", *names]:
         await health.set(name, SERVING)
     return server, port, service, health
@@ -141,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--ready-file", type=Path, default=None)
+    add_transport_args(ap)
     auth = ap.add_mutually_exclusive_group(required=True)
     auth.add_argument("--tenants", type=Path, help="JSON list of tenants (tenant, token_sha256, limits)")
     auth.add_argument("--allow-anonymous", action="store_true",
@@ -153,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
 
         model = str(default_model_dir())
     tenants = load_tenants(args.tenants) if args.tenants else ()
-    cfg = GatewayConfig(models=(ModelRoute(model, args.worker, args.model_id),), host=args.host, port=args.port,
+    cfg = GatewayConfig(models=(ModelRoute(model, args.worker, args.model_id),), transport=transport_from_args(args),
+                        host=args.host, port=args.port,
                         tenants=tenants, allow_anonymous=args.allow_anonymous)
     asyncio.run(serve(cfg, args.ready_file))
     return 0

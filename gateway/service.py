@@ -56,15 +56,14 @@ class ModelHandle:
 
 
 class GatewayService:
-    def __init__(self, config: GatewayConfig, client_interceptors=(), channel_credentials=None):
+    def __init__(self, config: GatewayConfig, client_interceptors=()):
         self.config = config
         self.tenants = TenantRegistry(config.tenants)
         self.models: dict[str, ModelHandle] = {}
         for route in config.models:
             mid = route.model_id or Path(route.model_dir).name
             self.models[mid] = ModelHandle(mid, route, ModelTokenizer(route.model_dir),
-                                           WorkerClient(route.worker_target, client_interceptors,
-                                                        channel_credentials))
+                                           WorkerClient(route.worker_target, config.transport, client_interceptors))
         self.default_model = next(iter(self.models))
 
     async def connect(self, timeout: float = 60.0) -> None:

@@ -8,6 +8,7 @@ import grpc
 
 from privlm.errors import Unavailable
 from privlm.internal.v1 import worker_pb2, worker_pb2_grpc
+from privlm.transport import TransportConfig
 
 FINISH_NAMES = {
     worker_pb2.WORKER_FINISH_REASON_LENGTH: "length",
@@ -24,13 +25,10 @@ class WorkerChunk:
 
 
 class WorkerClient:
-    def __init__(self, target: str, interceptors=(), credentials: grpc.ChannelCredentials | None = None):
+    def __init__(self, target: str, transport: TransportConfig, interceptors=()):
         self.target = target
         opts = [("grpc.max_receive_message_length", 8 * 1024 * 1024)]
-        if credentials is not None:
-            self.channel = grpc.aio.secure_channel(target, credentials, options=opts, interceptors=list(interceptors))
-        else:
-            self.channel = grpc.aio.insecure_channel(target, options=opts, interceptors=list(interceptors))
+        self.channel = transport.aio_channel(target, "gateway", interceptors, opts)
         self.stub = worker_pb2_grpc.WorkerStub(self.channel)
 
     async def describe(self, timeout: float = 10.0) -> worker_pb2.WorkerInfo:

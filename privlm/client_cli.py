@@ -26,8 +26,31 @@ def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
 
 
 def _target(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--target", default=DEFAULT_TARGET, help=f"gateway address (default {DEFAULT_TARGET})")
+    ap.add_argument("--target", default=None,
+                    help="gateway address (default: the local suite from `privlm up`, else 127.0.0.1:50051)")
     ap.add_argument("--token", default=None, help="bearer token (default: $PRIVLM_TOKEN or the dev token)")
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--tls-dir", default=None, help="mTLS certificates (the 'client' identity is presented)")
+    g.add_argument("--plaintext-dev", action="store_true", help="DEVELOPMENT ONLY: plaintext gRPC")
+
+
+def open_channel(args) -> grpc.Channel:
+    """Explicit flags win; otherwise the profile `privlm up` wrote in .cache/run/endpoint.json."""
+    import json
+
+    from privlm.config import cache_dir
+    from privlm.transport import TransportConfig
+
+    profile_path = cache_dir() / "run" / "endpoint.json"
+    profile = json.loads(profile_path.read_text()) if profile_path.is_file() else {}
+    target = args.target or profile.get("target") or DEFAULT_TARGET
+    if args.tls_dir or args.plaintext_dev:
+        transport = TransportConfig(tls_dir=args.tls_dir, plaintext_dev=args.plaintext_dev)
+    elif profile:
+        transport = TransportConfig(tls_dir=profile.get("tls_dir"), plaintext_dev=bool(profile.get("plaintext_dev")))
+    else:
+        raise SystemExit("no local suite found (.cache/run/endpoint.json): pass --tls-dir DIR or --plaintext-dev")
+    return transport.channel(target, "client")
 
 
 def _common(ap: argparse.ArgumentParser) -> None:
@@ -81,7 +104,7 @@ def generate_main(argv: list[str]) -> int:
         req.prompt = args.text
     else:
         req.chat.messages.add(role="user", content=args.text)
-    with grpc.insecure_channel(args.target) as ch:
+    with open_channel(args) as ch:
         try:
             _, last = stream_answer(pb_grpc.InferenceStub(ch), req, args.timeout, metadata=auth_metadata(args.token))
         except grpc.RpcError as err:
@@ -97,7 +120,7 @@ def chat_main(argv: list[str]) -> int:
     _common(ap)
     args = ap.parse_args(argv)
     history: list[tuple[str, str]] = [("system", args.system)] if args.system else []
-    with grpc.insecure_channel(args.target) as ch:
+    with open_channel(args) as ch:
         stub = pb_grpc.InferenceStub(ch)
         while True:
             try:
@@ -125,7 +148,7 @@ def models_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="privlm models")
     _target(ap)
     args = ap.parse_args(argv)
-    with grpc.insecure_channel(args.target) as ch:
+    with open_channel(args) as ch:
         try:
             resp = pb_grpc.InferenceStub(ch).ListModels(pb.ListModelsRequest(), timeout=10,
                                                         metadata=auth_metadata(args.token))

@@ -40,6 +40,7 @@ class Child:
     port: int
     proc: subprocess.Popen | None = None
     restarts: int = 0
+    plaintext: bool = False
     log_path: Path | None = None
     extra: dict = field(default_factory=dict)
 
@@ -70,10 +71,12 @@ class Child:
         self.proc.wait()
 
 
-def wait_serving(child: Child, timeout: float) -> None:
+def wait_serving(child: Child, timeout: float, transport) -> None:
     """Block until the child's gRPC health check says SERVING (or fail with its log tail)."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(f"127.0.0.1:{child.port}") as ch:
+    if child.plaintext:
+        from privlm.transport import PLAINTEXT_DEV as transport
+    with transport.channel(f"127.0.0.1:{child.port}", "client") as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while time.monotonic() < deadline:
             if not child.alive():
@@ -95,19 +98,22 @@ def tail(path: Path | None, n: int = 15) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
 
 
-def build_children(args, model: str) -> list[Child]:
+def build_children(args, model: str, transport) -> list[Child]:
     py = [sys.executable, "-m", "privlm.cli"]
+    tls = ["--tls-dir", transport.tls_dir] if transport.tls_dir else ["--plaintext-dev"]
     wport = free_port()
     worker = Child("worker", py + ["worker", "--model", model, "--tp", str(args.tp), "--backend", args.backend,
-                                   "--dtype", args.dtype, "--port", str(wport)], wport)
+                                   "--dtype", args.dtype, "--port", str(wport), *tls], wport)
     gport = args.port if args.port else free_port()
     auth = ["--tenants", str(args.tenants)] if args.tenants else ["--allow-anonymous"]
     gateway = Child("gateway", py + ["gateway", "--model", model, "--worker", f"127.0.0.1:{wport}",
-                                     "--port", str(gport), *auth], gport)
+                                     "--port", str(gport), *auth, *tls], gport)
     children = [worker, gateway]
     if not args.no_he:
         hport = free_port()
-        children.append(Child("he", py + ["he", "--port", str(hport)], hport))
+        # The HE service does not take --tls-dir yet: it runs plaintext on loopback, said loudly.
+        log.warning("he: PLAINTEXT gRPC (mTLS not wired into the HE service yet)")
+        children.append(Child("he", py + ["he", "--port", str(hport)], hport, plaintext=True))
     return children
 
 
@@ -122,7 +128,33 @@ def dev_tenants(log_dir: Path) -> Path:
     return path
 
 
-def run_demo(port: int, question: str) -> None:
+def setup_transport(args):
+    """mTLS by default (a private CA in .cache/run/certs, created once); plaintext only if asked."""
+    from privlm.config import cache_dir
+    from privlm.transport import TransportConfig
+
+    if args.plaintext_dev:
+        return TransportConfig(plaintext_dev=True)
+    tls_dir = args.tls_dir or cache_dir() / "run" / "certs"
+    if not (Path(tls_dir) / "ca.pem").exists():
+        from enclave.certs import create
+
+        create(tls_dir)
+        log.info("created a private CA and service certificates in %s", tls_dir)
+    return TransportConfig(tls_dir=str(tls_dir))
+
+
+def write_profile(port: int, transport) -> None:
+    """.cache/run/endpoint.json: how `privlm generate/chat/models` reach this local suite."""
+    from privlm.config import cache_dir
+
+    path = cache_dir() / "run" / "endpoint.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"target": f"127.0.0.1:{port}", "tls_dir": transport.tls_dir,
+                                "plaintext_dev": transport.plaintext_dev}))
+
+
+def run_demo(port: int, question: str, transport) -> None:
     from privlm.client_cli import stream_answer
     from privlm.v1 import inference_pb2 as pb
     from privlm.v1 import inference_pb2_grpc as pb_grpc
@@ -133,7 +165,7 @@ def run_demo(port: int, question: str) -> None:
     t0 = time.monotonic()
     from privlm.client_cli import auth_metadata
 
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+    with transport.channel(f"127.0.0.1:{port}", "client") as ch:
         _, last = stream_answer(pb_grpc.InferenceStub(ch), req, timeout=300, metadata=auth_metadata(None))
     dt = time.monotonic() - t0
     print(f"[{last.usage.completion_tokens} tokens in {dt:.1f}s; prompt {last.usage.prompt_tokens} tokens]\n")
@@ -154,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="tenants JSON for the gateway (default: a fresh dev tenant, token in .cache/run/dev-token)")
     ap.add_argument("--allow-anonymous", action="store_true",
                     help="DEVELOPMENT ONLY: gateway without authentication")
+    ap.add_argument("--tls-dir", type=Path, default=None,
+                    help="mTLS certificates (default: .cache/run/certs, created on first use)")
+    ap.add_argument("--plaintext-dev", action="store_true",
+                    help="DEVELOPMENT ONLY: plaintext gRPC between all services and clients (warns)")
     ap.add_argument("--state-file", type=Path, default=None, help="write service ports and pids here (JSON)")
     ap.add_argument("--log-dir", type=Path, default=None, help="service logs (default: a temp folder)")
     ap.add_argument("--startup-timeout", type=float, default=300.0)
@@ -180,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     if not args.tenants and not args.allow_anonymous:
         args.tenants = dev_tenants(log_dir)
-    children = build_children(args, model)
+    transport = setup_transport(args)
+    children = build_children(args, model, transport)
     code = 0
     try:
         for child in children:
@@ -188,20 +225,23 @@ def main(argv: list[str] | None = None) -> int:
                 break
             log.info("starting %s on 127.0.0.1:%d", child.name, child.port)
             child.start(log_dir)
-            wait_serving(child, args.startup_timeout)
+            wait_serving(child, args.startup_timeout, transport)
             log.info("%s SERVING (pid %d)", child.name, child.proc.pid)
         if not stop_requested:
             gateway = next(c for c in children if c.name == "gateway")
+            write_profile(gateway.port, transport)
             print(f"\nprivlm is up: gateway 127.0.0.1:{gateway.port} "
+                  f"({'mTLS, certificates in ' + transport.tls_dir if transport.tls_dir else 'PLAINTEXT (dev)'}) "
                   f"({', '.join(f'{c.name} :{c.port}' for c in children)}); logs in {log_dir}", flush=True)
             if args.state_file:
                 args.state_file.write_text(json.dumps(
-                    {c.name: {"port": c.port, "pid": c.proc.pid} for c in children} | {"log_dir": str(log_dir)}))
+                    {c.name: {"port": c.port, "pid": c.proc.pid} for c in children}
+                    | {"log_dir": str(log_dir), "tls_dir": transport.tls_dir}))
             if args.demo:
-                run_demo(gateway.port, args.question)
+                run_demo(gateway.port, args.question, transport)
             if not args.exit_after_demo:
                 print("serving; press Ctrl-C to stop", flush=True)
-                supervise(children, log_dir, args, stop_requested)
+                supervise(children, log_dir, args, stop_requested, transport)
     except Exception as exc:  # noqa: BLE001 - report and stop everything we started
         print(f"privlm up: {exc}", file=sys.stderr)
         code = 1
@@ -212,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def supervise(children: list[Child], log_dir: Path, args, stop_requested: list) -> None:
+def supervise(children: list[Child], log_dir: Path, args, stop_requested: list, transport) -> None:
     """Wait for a stop signal; restart a worker group that died (same port, the gateway reconnects)."""
     while not stop_requested:
         time.sleep(0.2)
@@ -225,7 +265,7 @@ def supervise(children: list[Child], log_dir: Path, args, stop_requested: list) 
             child.restarts += 1
             child.start(log_dir)
             try:
-                wait_serving(child, args.startup_timeout)
+                wait_serving(child, args.startup_timeout, transport)
                 log.info("%s SERVING again (restart %d)", child.name, child.restarts)
             except RuntimeError as exc:
                 log.error("%s failed to restart: %s", child.name, exc)

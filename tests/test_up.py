@@ -57,8 +57,15 @@ def test_up_serves_then_stops_cleanly(tmp_path, default_model):
         assert {"worker", "gateway"} <= set(info)
         from privlm.client_cli import auth_metadata
 
-        with grpc.insecure_channel(f"127.0.0.1:{info['gateway']['port']}") as ch:
-            req = pb.GenerateRequest(prompt="The capital of France is", sampling=pb.SamplingParams(max_new_tokens=5))
+        from privlm.transport import TransportConfig
+
+        target = f"127.0.0.1:{info['gateway']['port']}"
+        req = pb.GenerateRequest(prompt="The capital of France is", sampling=pb.SamplingParams(max_new_tokens=5))
+        with grpc.insecure_channel(target) as ch:   # mTLS by default: plaintext clients get nowhere
+            with pytest.raises(grpc.RpcError) as err:
+                pb_grpc.InferenceStub(ch).Generate(req, timeout=10, metadata=auth_metadata(None))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        with TransportConfig(tls_dir=info["tls_dir"]).channel(target, "client") as ch:
             stub = pb_grpc.InferenceStub(ch)
             with pytest.raises(grpc.RpcError) as err:       # the dev gateway requires the dev token
                 stub.Generate(req, timeout=60)

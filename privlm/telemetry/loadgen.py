@@ -96,13 +96,15 @@ async def _one(stub, make_request, index: int, t0: float, timeout_s: float, meta
 
 async def run_load(target: str, make_request, *, concurrency: int = 4, requests: int = 100,
                    duration_s: float = 60.0, rate: float | None = None, max_in_flight: int = 256,
-                   timeout_s: float = 120.0, metadata=(), channel_credentials=None) -> LoadRun:
-    """Drive GenerateStream at `target`. make_request(i) -> GenerateRequest."""
+                   timeout_s: float = 120.0, metadata=(), open_channel=None) -> LoadRun:
+    """Drive GenerateStream at `target`. make_request(i) -> GenerateRequest.
+
+    open_channel(target) -> grpc.aio.Channel (default: plaintext, for tests and development).
+    """
     from privlm.v1 import inference_pb2_grpc
 
     run = LoadRun("open" if rate else "closed")
-    channel = (grpc.aio.secure_channel(target, channel_credentials) if channel_credentials
-               else grpc.aio.insecure_channel(target))
+    channel = open_channel(target) if open_channel else grpc.aio.insecure_channel(target)
     async with channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         t0 = time.perf_counter()
@@ -211,9 +213,44 @@ def format_tables(client: dict, traces: dict | None) -> str:
     return "\n".join(out)
 
 
+def _auth_metadata(token: str | None) -> tuple:
+    try:
+        from privlm.client_cli import auth_metadata
+    except ImportError:
+        return (("authorization", f"Bearer {token}"),) if token else ()
+    return auth_metadata(token)
+
+
+def _connection(args):
+    """(target, open_channel): explicit flags win, else the profile `privlm up` wrote, else an error."""
+    target, tls_dir, plaintext = args.target, args.tls_dir, args.plaintext_dev
+    if not (tls_dir or plaintext):
+        from privlm.config import cache_dir
+
+        profile_path = cache_dir() / "run" / "endpoint.json"
+        if not profile_path.is_file():
+            raise SystemExit("privlm bench load: no local suite found: pass --target and --tls-dir DIR or --plaintext-dev")
+        profile = json.loads(profile_path.read_text())
+        target = target or profile.get("target")
+        tls_dir, plaintext = profile.get("tls_dir"), bool(profile.get("plaintext_dev"))
+    if not target:
+        raise SystemExit("privlm bench load: --target is required")
+    if plaintext:
+        return target, None
+    from privlm.transport import TransportConfig
+
+    transport = TransportConfig(tls_dir=tls_dir)
+    return target, lambda t: transport.aio_channel(t, "client")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="privlm bench load", description=__doc__.splitlines()[0])
-    ap.add_argument("--target", required=True, help="gateway address, host:port")
+    ap.add_argument("--target", default=None,
+                    help="gateway address host:port (default: the local suite `privlm up` started)")
+    ap.add_argument("--token", default=None, help="bearer token (default: $PRIVLM_TOKEN or the dev token)")
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--tls-dir", default=None, help="mTLS certificates (the 'client' identity is presented)")
+    g.add_argument("--plaintext-dev", action="store_true", help="DEVELOPMENT ONLY: plaintext gRPC")
     ap.add_argument("--concurrency", type=int, default=4, help="closed loop: concurrent clients")
     ap.add_argument("--rate", type=float, default=None, help="open loop: requests per second")
     ap.add_argument("--max-in-flight", type=int, default=256, help="open loop: cap on running requests")
@@ -231,16 +268,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.concurrency < 1 or args.requests < 1 or args.duration <= 0 or (args.rate is not None and args.rate <= 0):
         ap.error("concurrency, requests, duration and rate must be positive")
     chat = None if args.prompt is not None else args.chat
+    target, open_channel = _connection(args)
+    metadata = _auth_metadata(args.token)
 
     def make_request(i: int):
         return build_request(args.prompt, chat, args.max_new_tokens, f"load-{i}")
 
     async def go():
         if args.warmup:
-            await run_load(args.target, make_request, concurrency=1, requests=args.warmup, timeout_s=args.timeout)
-        run = await run_load(args.target, make_request, concurrency=args.concurrency, requests=args.requests,
+            await run_load(target, make_request, concurrency=1, requests=args.warmup, timeout_s=args.timeout,
+                           metadata=metadata, open_channel=open_channel)
+        run = await run_load(target, make_request, concurrency=args.concurrency, requests=args.requests,
                              duration_s=args.duration, rate=args.rate, max_in_flight=args.max_in_flight,
-                             timeout_s=args.timeout)
+                             timeout_s=args.timeout, metadata=metadata, open_channel=open_channel)
         traces = None
         if args.span_store:
             timings = await wait_for_traces(args.span_store, run, args.trace_wait)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from privlm.config import check
+from privlm.transport import TransportConfig
 
 BACKENDS = ("native", "deepspeed")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -42,6 +43,7 @@ class EngineConfig:
 @dataclass(frozen=True)
 class WorkerServerConfig:
     engine: EngineConfig
+    transport: TransportConfig             # mTLS (only the gateway may call) or explicit plaintext_dev
     host: str = "127.0.0.1"
     port: int = 0
     grace_seconds: float = 10.0

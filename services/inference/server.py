@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 
 from privlm.errors import InvalidArgument, Unavailable
+from privlm.transport import add_transport_args, transport_from_args
 from privlm.grpcserver import NOT_SERVING, SERVING, add_health_and_reflection, bind, new_server
 from privlm.internal.v1 import worker_pb2, worker_pb2_grpc
 from services.inference.config import EngineConfig, WorkerServerConfig
@@ -110,11 +111,19 @@ def build_engine(config: EngineConfig) -> Engine:
 
 
 async def create_server(config: WorkerServerConfig, engine: Engine, interceptors=()):
-    """A started-ready (not yet started) worker server over `engine`: returns (server, port, health)."""
+    """A worker server over `engine`, bound but not started: returns (server, port, health).
+
+    With mTLS only the gateway's certificate may call Generate (health stays open to any peer
+    with a certificate from the private CA)."""
+    credentials = config.transport.server_credentials("worker")
+    if credentials is not None:
+        from enclave.certs import PeerIdentityInterceptor
+
+        interceptors = [*interceptors, PeerIdentityInterceptor({"gateway"})]
     server = new_server(interceptors, config.max_message_bytes)
     worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(engine), server)
     health = add_health_and_reflection(server, [SERVICE_NAME])
-    port = bind(server, config.host, config.port)
+    port = bind(server, config.host, config.port, credentials)
     return server, port, health
 
 
@@ -181,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--ready-file", type=Path, default=None, help="write {'port': N} here once serving")
+    add_transport_args(ap)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     import os
@@ -192,5 +202,6 @@ def main(argv: list[str] | None = None) -> int:
 
         run_follower(engine_cfg)
         return 0
-    asyncio.run(serve(WorkerServerConfig(engine=engine_cfg, host=args.host, port=args.port), args.ready_file))
+    cfg = WorkerServerConfig(engine=engine_cfg, transport=transport_from_args(args), host=args.host, port=args.port)
+    asyncio.run(serve(cfg, args.ready_file))
     return 0

@@ -1,4 +1,5 @@
 """Tenant authentication and limits on a real gateway (sharing the stack's worker group)."""
+from privlm.transport import PLAINTEXT_DEV
 import concurrent.futures as cf
 import time
 
@@ -22,7 +23,7 @@ def tenant_gateway(stack):
 
     tenants = (TenantConfig("bank-a", hash_token(TOKEN_A), requests_per_second=1000, burst=1000, max_concurrent=2),
                TenantConfig("bank-b", hash_token(TOKEN_B), requests_per_second=0.01, burst=2))
-    cfg = GatewayConfig(models=(ModelRoute(stack.service.models[stack.service.default_model].route.model_dir,
+    cfg = GatewayConfig(transport=PLAINTEXT_DEV, models=(ModelRoute(stack.service.models[stack.service.default_model].route.model_dir,
                                            f"127.0.0.1:{stack.worker_port}"),), tenants=tenants)
     server, port, service, _ = stack.lt.run(create_server(cfg))
     stack.lt.run(server.start())
