@@ -68,6 +68,18 @@ class ConfidentialClient:
                                        aead_id=msg.aead_id, enc=msg.enc, ciphertext=msg.ciphertext, aad=msg.aad)
         return pb, ctx
 
+    async def provision_secret(self, name: str, value: bytes, timeout: float = 30.0) -> bytes:
+        """Push key release: seal `value` to the verified key for this tenant; returns the measurement."""
+        from enclave.key_release import seal_for_provision
+        verified = await self.verified()
+        sent_at = int(time.time() * 1000)
+        msg = seal_for_provision(verified, self.tenant, name, value, sent_at)
+        sealed = enclave_pb2.SealedRequest(key_id=msg.key_id, kem_id=msg.kem_id, kdf_id=msg.kdf_id,
+                                           aead_id=msg.aead_id, enc=msg.enc, ciphertext=msg.ciphertext, aad=msg.aad)
+        resp = await self.stub.ProvisionSecret(enclave_pb2.ProvisionSecretRequest(
+            tenant=self.tenant, name=name, sealed=sealed, sent_at_unix_ms=sent_at), timeout=timeout)
+        return bytes(resp.measurement)
+
     async def generate_stream(self, request: inference_pb2.GenerateRequest, trace_id: str = "",
                               timeout: float | None = None) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
         sealed, ctx = await self.seal_request(request, trace_id)

@@ -31,6 +31,18 @@ class WrappedSecret:
     message: SealedMessage
 
 
+def provision_aad(tenant: str, name: str, measurement: bytes, sent_at_ms: int) -> bytes:
+    """AAD of a pushed secret: binds tenant, name, measurement and send time."""
+    return (b"privlm-provision-v1\x00" + hashlib.sha256(f"{tenant}\x00{name}".encode()).digest() + measurement
+            + sent_at_ms.to_bytes(8, "big", signed=True))
+
+
+def seal_for_provision(verified: ev.Verified, tenant: str, name: str, value: bytes, sent_at_ms: int) -> SealedMessage:
+    """Bank side of the push model: seal `value` to a key that has just verified."""
+    return seal(verified.key_config, value, provision_aad(tenant, name, verified.measurement, sent_at_ms),
+                label=KEY_RELEASE_LABEL)[0]
+
+
 def _aad(name: str, measurement: bytes) -> bytes:
     return b"privlm-key-release-v1\x00" + hashlib.sha256(name.encode()).digest() + measurement
 

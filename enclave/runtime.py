@@ -69,6 +69,7 @@ class ConfidentialRuntime:
         self.keys = {self.key.key_id: self.key}
         self.replay = ReplayGuard(config.replay_window_s)
         self.rejections: collections.Counter[str] = collections.Counter()
+        self._secrets: dict[tuple[str, str], bytes] = {}
         self.opened = 0
         self._lock = threading.Lock()
         index, _ = self.audit.append(AuditEvent(
@@ -129,6 +130,33 @@ class ConfidentialRuntime:
                                      labels={"key_id": str(msg.key_id)}))
         return plaintext, ctx, meta
 
+
+    def provision_secret(self, tenant: str, name: str, msg: SealedMessage, sent_at_ms: int) -> None:
+        """Open a secret the bank sealed to this instance's attested key (push key release). Blocking."""
+        from enclave.key_release import KEY_RELEASE_LABEL, provision_aad
+        try:
+            if msg.aad != provision_aad(tenant, name, self.measurement, sent_at_ms):
+                raise SealError("wrong_binding", "secret is bound to another tenant, name, measurement or time")
+            value = open_sealed(self.keys, msg, label=KEY_RELEASE_LABEL)[0]
+            self.replay.check_and_remember(msg.enc, sent_at_ms)
+        except SealError as exc:
+            self.reject(exc.reason, msg, tenant)
+            raise
+        with self._lock:
+            self._secrets[(tenant, name)] = value
+        self.audit.append(AuditEvent("key_released", tenant=_safe_tenant(tenant), trace_id=_current_trace_id(),
+                                     hashes={"secret_sha256": sha256_hex(name.encode()),
+                                             "measurement_sha384": self.measurement.hex()},
+                                     labels={"tee_type": self.backend.tee_type, "simulated": str(self.simulated).lower()}))
+
+    def secret(self, tenant: str, name: str) -> bytes:
+        """A secret provisioned for `tenant` (e.g. its CKKS secret key); NotFound if none."""
+        from privlm.errors import NotFound
+        with self._lock:
+            value = self._secrets.get((tenant, name))
+        if value is None:
+            raise NotFound(f"no secret {name!r} provisioned for tenant {tenant!r}")
+        return value
 
     def record(self, kind: str, tenant: str = "", trace_id: str = "", hashes: dict | None = None,
                labels: dict | None = None) -> int:

@@ -109,6 +109,21 @@ class ConfidentialServicer(enclave_pb2_grpc.ConfidentialServicer):
                                           ciphertext=ct, final=True)
 
 
+    async def ProvisionSecret(self, request, context):
+        tenant = request.tenant
+        if self.tenant_of is not None:
+            authenticated = self.tenant_of(context)
+            if authenticated is not None and authenticated != tenant:
+                raise PermissionDenied("tenant_mismatch: secrets can only be provisioned for your own tenant")
+        s = request.sealed
+        msg = SealedMessage(s.key_id, s.kem_id, s.kdf_id, s.aead_id, bytes(s.enc), bytes(s.ciphertext), bytes(s.aad))
+        try:
+            await asyncio.to_thread(self.rt.provision_secret, tenant, request.name, msg, request.sent_at_unix_ms)
+        except SealError as exc:
+            raise seal_error_status(exc) from exc
+        return enclave_pb2.ProvisionSecretResponse(measurement=self.rt.measurement)
+
+
 class AuditServicer(audit_pb2_grpc.AuditServicer):
     MAX_ENTRIES = 1000
 

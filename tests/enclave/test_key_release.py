@@ -106,3 +106,57 @@ def test_policy_change_and_he_context_registration_are_audited(tmp_path):
     assert events[idx].kind == "he_context_registered"
     with pytest.raises(ValueError):
         rt.record("he_context_registered", labels={"secret": "the raw key bytes here"})
+
+
+def test_bank_provisions_ckks_key_over_grpc_push_model(tmp_path):
+    import asyncio
+
+    import grpc
+    from enclave_fixtures import channel, serve
+
+    from enclave.client import ConfidentialClient
+    from privlm.v1 import enclave_pb2, enclave_pb2_grpc
+
+    rt = sim_runtime(tmp_path)
+    bank = _bank_ckks()
+    public = bank.copy()
+    public.make_context_public()
+    scores = ts.ckks_vector(public, [0.9, 0.1]).serialize()
+
+    async def main():
+        server, port, _ = await serve(rt)
+        out = {}
+        async with channel(port) as ch:
+            client = ConfidentialClient(ch, dev_policy(tmp_path, rt), tenant="bank-a")
+            out["measurement"] = await client.provision_secret("ckks-secret-key", bank.serialize(save_secret_key=True))
+            # Replaying the captured provisioning, or re-labelling it for another tenant, fails.
+            captured = {}
+            orig = client.stub.ProvisionSecret
+
+            async def spy(req, timeout=None):
+                captured["req"] = req
+                return await orig(req, timeout=timeout)
+            client.stub.ProvisionSecret = spy
+            await client.provision_secret("model-key", b"k" * 32)
+            stub = enclave_pb2_grpc.ConfidentialStub(ch)
+            for mutate in ("replay", "tenant"):
+                req = enclave_pb2.ProvisionSecretRequest()
+                req.CopyFrom(captured["req"])
+                if mutate == "tenant":
+                    req.tenant = "bank-b"
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.ProvisionSecret(req)
+                out[mutate] = err.value.code()
+        await server.stop(None)
+        return out
+
+    out = asyncio.run(main())
+    assert out["measurement"] == rt.measurement
+    ctx = ts.context_from(rt.secret("bank-a", "ckks-secret-key"))
+    np.testing.assert_allclose(ts.ckks_vector_from(ctx, scores).decrypt(), [0.9, 0.1], atol=1e-4)
+    assert out["replay"] == grpc.StatusCode.PERMISSION_DENIED and out["tenant"] == grpc.StatusCode.INVALID_ARGUMENT
+    assert rt.rejections["replayed"] == 1 and rt.rejections["wrong_binding"] == 1
+    from privlm.errors import NotFound
+    with pytest.raises(NotFound):
+        rt.secret("bank-b", "ckks-secret-key")
+    assert [e.tenant for e in _kinds(rt) if e.kind == "key_released"] == ["bank-a", "bank-a"]
