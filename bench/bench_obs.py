@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     async def load(target: str, requests: int, span_store: Path | None = None) -> dict:
         """One `privlm bench load` run in its own process (its own event loop, like a real caller)."""
-        cmd = [sys.executable, "-m", "privlm.telemetry.loadgen", "--target", target, "--json", "--warmup", "0",
+        cmd = [sys.executable, "-m", "privlm.telemetry.loadgen", "--plaintext-dev", "--target", target, "--json", "--warmup", "0",
                "--requests", str(requests), "--concurrency", str(args.concurrency),
                "--max-new-tokens", str(args.max_new_tokens)]
         if span_store:

@@ -21,15 +21,9 @@ def test_perplexity_math():
 
 
 @pytest.fixture(scope="module")
-def model_and_ids():
-    torch = pytest.importorskip("torch")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from privlm.model_prep import prepare
-
-    path = prepare()
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+def model_and_ids(hf_model):
+    """The session's transformers model (tests/conftest.py); weights are restored after corruption."""
+    model, tok = hf_model
     return model, tok(CANARY_TEXT).input_ids
 
 

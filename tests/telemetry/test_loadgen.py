@@ -59,7 +59,7 @@ def _run(capsys, argv) -> dict:
 
 def test_closed_loop_with_traces(chain_stack, capsys):
     target, store = chain_stack
-    out = _run(capsys, ["--target", target, "--requests", "12", "--concurrency", "3", "--max-new-tokens", "4",
+    out = _run(capsys, ["--plaintext-dev", "--target", target, "--requests", "12", "--concurrency", "3", "--max-new-tokens", "4",
                         "--warmup", "1", "--span-store", str(store)])
     client, traces = out["client"], out["traces"]
     assert client["mode"] == "closed" and client["requests"] == 12 and client["codes"] == {"OK": 12}
@@ -75,14 +75,14 @@ def test_closed_loop_with_traces(chain_stack, capsys):
 
 def test_open_loop_and_text_table(chain_stack, capsys):
     target, store = chain_stack
-    out = _run(capsys, ["--target", target, "--rate", "40", "--requests", "8", "--max-new-tokens", "3",
+    out = _run(capsys, ["--plaintext-dev", "--target", target, "--rate", "40", "--requests", "8", "--max-new-tokens", "3",
                         "--warmup", "0"])
     assert out["client"]["mode"] == "open" and out["client"]["codes"] == {"OK": 8} and out["traces"] is None
-    assert main(["--target", target, "--rate", "40", "--requests", "4", "--warmup", "0",
+    assert main(["--plaintext-dev", "--target", target, "--rate", "40", "--requests", "4", "--warmup", "0",
                  "--span-store", str(store)]) == 0
     text = capsys.readouterr().out
     assert "open loop: 4 requests" in text and "end to end (trace)" in text and "client minus trace" in text
 
 
 def test_unreachable_target_fails(capsys):
-    assert main(["--target", "127.0.0.1:1", "--requests", "2", "--warmup", "0", "--timeout", "2"]) == 1
+    assert main(["--plaintext-dev", "--target", "127.0.0.1:1", "--requests", "2", "--warmup", "0", "--timeout", "2"]) == 1
