@@ -77,7 +77,7 @@ def test_up_serves_then_stops_cleanly(tmp_path, default_model):
         out = proc.stdout.read()
         assert "all services exited" in out
         for name, svc in info.items():
-            if name == "log_dir":
+            if not isinstance(svc, dict):
                 continue
             assert _gone(svc["pid"]), f"{name} (pid {svc['pid']}) still running"
             assert _group_members(svc["pid"]) == [], f"{name}'s process group left processes behind"
