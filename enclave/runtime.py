@@ -23,6 +23,16 @@ from enclave.hpke import SealedMessage, SealError, ServerKey, open_sealed
 from enclave.replay import ReplayGuard
 
 log = logging.getLogger("privlm.enclave")
+_tracer = None
+
+
+def _span(name: str, **attrs):
+    """A business span (no plaintext: only codes and ids); a no-op span without a tracer provider."""
+    global _tracer
+    from opentelemetry import trace
+    if _tracer is None:
+        _tracer = trace.get_tracer("privlm.enclave")
+    return _tracer.start_as_current_span(name, attributes={f"privlm.{k}": v for k, v in attrs.items()})
 
 
 def load_or_create_ed25519(path: Path) -> Ed25519PrivateKey:
@@ -87,6 +97,10 @@ class ConfidentialRuntime:
 
     def evidence(self, nonce: bytes, tenant: str = "", trace_id: str = "") -> ev.Bundle:
         """Blocking (TEE ioctl / signing, audit fsync): call from a thread."""
+        with _span("privlm.enclave.evidence", tee_type=self.backend.tee_type, simulated=self.simulated):
+            return self._evidence(nonce, tenant, trace_id)
+
+    def _evidence(self, nonce: bytes, tenant: str, trace_id: str) -> ev.Bundle:
         bundle = ev.issue(self.backend, nonce, self.key.config().encode(), self.measurement, self.transparency())
         self.audit.append(AuditEvent("evidence_issued", tenant=tenant, trace_id=trace_id,
                                      hashes={"nonce_sha256": sha256_hex(nonce),
@@ -109,6 +123,14 @@ class ConfidentialRuntime:
         Every refusal is counted by reason and audited; tampering with enc, ciphertext, aad or key
         id is refused here, and a replay after a successful open.
         """
+        with _span("privlm.enclave.open_sealed", key_id=msg.key_id) as span:
+            try:
+                return self._open_request(msg, parse_context)
+            except SealError as exc:
+                span.set_attribute("privlm.reject_reason", exc.reason)
+                raise
+
+    def _open_request(self, msg: SealedMessage, parse_context):
         if len(msg.ciphertext) + len(msg.aad) > self.config.max_sealed_request_bytes:
             self.reject("too_large", msg)
             raise SealError("too_large", "sealed request exceeds the configured maximum")

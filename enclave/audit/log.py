@@ -121,7 +121,13 @@ class AuditLog:
         if ctorn:
             log.warning("audit log: cutting a torn checkpoint line (crash during append)")
             os.truncate(cpath, cgood)
-        self._entries = entries
+        # Only (offset, length) per entry stays in memory; entries are read back from disk.
+        self._index: list[tuple[int, int]] = []
+        off = 0
+        for body in entries:
+            self._index.append((off + 4, len(body)))
+            off += 4 + len(body) + 32
+        self._end = off
         self._tree = merkle.Tree()
         for lh in hashes:
             self._tree.append(lh)
@@ -155,7 +161,8 @@ class AuditLog:
             if new_file:
                 _fsync_dir(self.dir)
             index = self._tree.size
-            self._entries.append(body)
+            self._index.append((self._end + 4, len(body)))
+            self._end += 4 + len(body) + 32
             self._tree.append(lh)
             return index, self._write_checkpoint()
 
@@ -170,7 +177,14 @@ class AuditLog:
 
     def entries(self, start: int, end: int) -> list[bytes]:
         with self._lock:
-            return list(self._entries[start:end])
+            spans = self._index[start:end]
+        if not spans:
+            return []
+        out = []
+        with open(self.dir / ENTRIES, "rb") as f:
+            for off, n in spans:
+                out.append(os.pread(f.fileno(), n, off))
+        return out
 
     def inclusion(self, index: int, size: int) -> list[bytes]:
         with self._lock:

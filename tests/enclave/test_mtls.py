@@ -78,3 +78,21 @@ def test_worker_accepts_only_gateway_peer(tmp_path):
     assert r["no_cert"] == grpc.StatusCode.UNAVAILABLE
     assert r["plaintext"] == grpc.StatusCode.UNAVAILABLE
     assert r["health"] == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_plaintext_only_behind_the_explicit_flag_and_it_warns(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="insecure-dev-plaintext"):
+        certs.server_credentials_or_plaintext(None, "worker")
+    assert certs.server_credentials_or_plaintext(None, "worker", insecure_dev_plaintext=True) is None
+    assert "PLAINTEXT" in capsys.readouterr().err
+    certs.create(tmp_path)
+    assert certs.server_credentials_or_plaintext(tmp_path, "worker") is not None
+
+    async def main():
+        server, port = await _worker_like_server(tmp_path)
+        async with certs.secure_channel(f"127.0.0.1:{port}", tmp_path, "gateway", "worker") as ch:
+            r = await audit_pb2_grpc.AuditStub(ch).GetCheckpoint(audit_pb2.GetCheckpointRequest(), timeout=10)
+        await server.stop(None)
+        return r.origin
+
+    assert asyncio.run(main()) == "gateway"
