@@ -24,6 +24,21 @@ log = logging.getLogger("privlm.telemetry.receiver")
 SERVICE_NAME = "opentelemetry.proto.collector.trace.v1.TraceService"
 
 
+def default_store_path() -> Path:
+    """Where `privlm up`'s embedded receiver keeps spans (git-ignored cache)."""
+    from privlm.config import cache_dir
+
+    return cache_dir() / "traces" / "spans.jsonl"
+
+
+def receiver_argv(store: str | Path, port: int, host: str = "127.0.0.1") -> list[str]:
+    """The command line that runs the receiver as its own process (for `privlm up`)."""
+    import sys
+
+    return [sys.executable, "-m", "privlm.telemetry.receiver", "--store", str(store), "--host", host,
+            "--port", str(port)]
+
+
 class SpanStore:
     """Append-only JSONL file; one writer (this process), flushed after each export batch."""
 
@@ -88,10 +103,11 @@ async def _serve(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="privlm otlp-receiver",
                                      description="Embedded OTLP/gRPC trace receiver writing spans to a JSONL store.")
-    parser.add_argument("--store", required=True, help="JSONL file to append spans to")
+    parser.add_argument("--store", default=None, help="JSONL file to append spans to (default: .cache/traces/spans.jsonl)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=4317, help="0 picks a free port (printed on stdout)")
     args = parser.parse_args(argv)
+    args.store = args.store or str(default_store_path())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     asyncio.run(_serve(args))
     return 0

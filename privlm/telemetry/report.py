@@ -194,8 +194,9 @@ def load_spans(args) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="privlm trace-report", description=__doc__.splitlines()[0])
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--store", help="span store (JSONL) written by the embedded OTLP receiver")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--store", help="span store (JSONL) written by the embedded OTLP receiver "
+                                    "(default: the local suite's, .cache/traces/spans.jsonl)")
     src.add_argument("--jaeger", help="Jaeger query API base URL, e.g. http://127.0.0.1:16686")
     ap.add_argument("--service", action="append", help="Jaeger service to query (repeatable; default: all)")
     ap.add_argument("--limit", type=int, default=1000, help="Jaeger: traces per service")
@@ -203,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slowest", type=int, default=3, help="critical paths of this many slowest requests")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     args = ap.parse_args(argv)
+    if not args.jaeger and not args.store:
+        from privlm.telemetry.receiver import default_store_path
+
+        args.store = str(default_store_path())
     try:
         spans = load_spans(args)
     except (OSError, ValueError) as exc:

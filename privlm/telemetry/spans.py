@@ -9,7 +9,9 @@ children of the worker's RPC span and records the latency histograms.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -164,3 +166,19 @@ class RequestTimeline:
                                           prompt_tokens=self.prompt_tokens, completion_tokens=self.output_tokens,
                                           duration_s=(end - self.submitted_ns) / 1e9, ttft_s=ttft, tpot_s=tpot,
                                           operation="generate")
+
+
+@contextmanager
+def he_operation(op: str, tracer: trace.Tracer | None = None, instruments: I.Instruments | None = None,
+                 **attributes) -> Iterator[trace.Span]:
+    """Span `privlm.he.<op>` and the privlm.he.operation.duration histogram around one HE operation.
+
+    attributes: sizes and counts only (e.g. vector_size=4096, ciphertexts=8), never values or keys.
+    """
+    tracer = tracer or trace.get_tracer("privlm.he")
+    start = time.perf_counter()
+    with tracer.start_as_current_span(f"privlm.he.{op}", attributes={I.PRIVLM_HE_OP: op, **attributes}) as span:
+        try:
+            yield span
+        finally:
+            (instruments or I.get()).record_he_op(op, time.perf_counter() - start)

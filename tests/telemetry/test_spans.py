@@ -92,3 +92,19 @@ def test_request_timeline_spans_are_ordered(env):
     assert d.attributes["gen_ai.usage.output_tokens"] == 4
     assert _points(reader, "privlm.queue.wait")[0].count == 1
     assert _points(reader, "gen_ai.server.time_per_output_token")[0].count == 1
+
+
+def test_he_operation_span_and_histogram(env):
+    from privlm.telemetry.spans import he_operation
+
+    tracer, exporter, reader, inst = env
+    with he_operation("ckks.dot", tracer, inst, vector_size=4096):
+        pass
+    with pytest.raises(ValueError):
+        with he_operation("ckks.polyval", tracer, inst):
+            raise ValueError("scale out of bounds")
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert spans["privlm.he.ckks.dot"].attributes["vector_size"] == 4096
+    assert spans["privlm.he.ckks.polyval"].status.status_code == StatusCode.ERROR
+    ops = {p.attributes["privlm.he.operation"]: p.count for p in _points(reader, "privlm.he.operation.duration")}
+    assert ops == {"ckks.dot": 1, "ckks.polyval": 1}
