@@ -97,7 +97,7 @@ def _records(path):
     while off < len(data):
         (n,) = struct.unpack(">I", data[off:off + 4])
         out.append((off, n))
-        off += 4 + n + 32
+        off += 4 + n + 64
     return out
 
 
@@ -125,7 +125,7 @@ def test_deleting_an_entry_on_disk_is_detected(tmp_path):
     recs = _records(path)
     data = path.read_bytes()
     off, n = recs[2]
-    path.write_bytes(data[:off] + data[off + 4 + n + 32:])
+    path.write_bytes(data[:off] + data[off + 4 + n + 64:])
     with pytest.raises(TamperError):
         AuditLog(tmp_path, KEY)
     assert audit_cli.main(["verify", "--log", str(tmp_path), "--public-key", str(_pem(tmp_path))]) == 1
@@ -192,3 +192,36 @@ def test_audit_grpc_service_proofs_verify_client_side(tmp_path):
     hashes = [merkle.leaf_hash(e) for e in ents.entries]
     merkle.verify_consistency(4, cp.tree_size, merkle.root_from_hashes(hashes[:4]), cp.root_hash, list(cons.path))
     assert json.loads(ents.entries[0])["kind"] == "measurement_registered"
+
+
+def test_lost_checkpoint_is_resigned_but_injected_entries_are_not(tmp_path):
+    log = _filled(tmp_path, 5)
+    root5 = log.checkpoint().root
+    log.close()
+    # A crash after the record's fsync but before its checkpoint line reached the disk:
+    lines = (tmp_path / CHECKPOINTS).read_text().splitlines(keepends=True)
+    (tmp_path / CHECKPOINTS).write_text("".join(lines[:-1]))
+    again = AuditLog(tmp_path, KEY)
+    assert again.size == 5 and again.checkpoint().size == 5 and again.checkpoint().root == root5
+    again.close()
+    # Someone with disk access appends a well-formed record (correct leaf hash, no valid MAC):
+    body = _ev(99).encode()
+    with open(tmp_path / ENTRIES, "ab") as f:
+        f.write(struct.pack(">I", len(body)) + body + merkle.leaf_hash(body) + bytes(32))
+    with pytest.raises(TamperError, match="MAC"):
+        AuditLog(tmp_path, KEY)
+
+
+def test_concurrent_appends_share_fsyncs_and_stay_consistent(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    log = AuditLog(tmp_path, KEY)
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda i: log.append(_ev(i)), range(64)))
+    assert sorted(i for i, _ in results) == list(range(64))
+    for i, cp in results:
+        assert cp.size > i  # every append returns a checkpoint that covers it
+        cp.verify(KEY.public_key())
+        merkle.verify_inclusion(merkle.leaf_hash(log.entries(i, i + 1)[0]), i, cp.size, log.inclusion(i, cp.size), cp.root)
+    log.close()
+    assert AuditLog(tmp_path, KEY).size == 64
+    assert audit_cli.main(["verify", "--log", str(tmp_path), "--public-key", str(_pem(tmp_path))]) == 0
