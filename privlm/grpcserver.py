@@ -11,7 +11,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from privlm.errors import status_for
+from privlm.errors import InvalidArgument, status_for
 
 log = logging.getLogger("privlm.grpc")
 
@@ -24,36 +24,49 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = details.method
+        parse = handler.request_deserializer
 
-        def wrap_unary(fn):
+        def decode(raw):
+            """Parse inside the mapping: a malformed message is INVALID_ARGUMENT, not INTERNAL."""
+            if parse is None:
+                return raw
+            try:
+                return parse(raw)
+            except Exception as exc:  # noqa: BLE001 - DecodeError, invalid UTF-8 in a string field, ...
+                raise InvalidArgument(f"malformed request message for {method}: {type(exc).__name__}") from None
+
+        async def decode_stream(raw_iterator):
+            async for raw in raw_iterator:
+                yield decode(raw)
+
+        def wrap_unary(fn, streaming_request):
             async def call(request, context):
                 try:
-                    return await fn(request, context)
+                    req = decode_stream(request) if streaming_request else decode(request)
+                    return await fn(req, context)
                 except Exception as exc:  # noqa: BLE001 - mapped, never leaked raw
                     await _abort(context, exc, method)
             return call
 
-        def wrap_stream(fn):
-            async def call(request_or_iterator, context):
+        def wrap_stream(fn, streaming_request):
+            async def call(request, context):
                 try:
-                    async for item in fn(request_or_iterator, context):
+                    req = decode_stream(request) if streaming_request else decode(request)
+                    async for item in fn(req, context):
                         yield item
                 except Exception as exc:  # noqa: BLE001
                     await _abort(context, exc, method)
             return call
 
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                wrap_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                wrap_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                wrap_unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer)
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(
-                wrap_stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer)
+        # Requests reach us as bytes (deserializer None) so that decoding errors are mapped too.
+        kinds = (("unary_unary", wrap_unary, False, grpc.unary_unary_rpc_method_handler),
+                 ("unary_stream", wrap_stream, False, grpc.unary_stream_rpc_method_handler),
+                 ("stream_unary", wrap_unary, True, grpc.stream_unary_rpc_method_handler),
+                 ("stream_stream", wrap_stream, True, grpc.stream_stream_rpc_method_handler))
+        for attr, wrap, streaming_request, make in kinds:
+            fn = getattr(handler, attr)
+            if fn:
+                return make(wrap(fn, streaming_request), None, handler.response_serializer)
         return handler
 
 
