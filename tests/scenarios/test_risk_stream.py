@@ -1,0 +1,211 @@
+"""The risk-alert stream end to end with real servers on 127.0.0.1 port 0: worker group, gateway with
+Confidential + Audit + RiskAlerts mounted, HE service, simulated-TEE confidential runtime. Real
+TenSEAL CKKS, real HPKE, real gRPC, real OpenTelemetry spans (in-memory exporter)."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import grpc
+import numpy as np
+import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from gateway.scenarios.risk_client import RiskClient
+from gateway.scenarios.risk_data import transactions
+from privlm.telemetry import TelemetryConfig, setup_telemetry
+from services.he.keys import BankKeys
+
+pytestmark = pytest.mark.slow
+THRESHOLD = 0.8
+MAX_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def risk_env(loop_thread, default_model, tmp_path_factory):
+    from gateway.scenarios.stack import ScenarioStack
+
+    exporter = InMemorySpanExporter()
+    tel = setup_telemetry(TelemetryConfig(service_name="privlm-scenario-test", export_delay_ms=50),
+                          set_global=False, extra_exporters=[exporter])
+    stack = loop_thread.run(ScenarioStack.start(default_model, risk=True, tracer_provider=tel.tracer_provider,
+                                                workdir=tmp_path_factory.mktemp("risk")))
+    keys = BankKeys.generate(1, rotations_for=8)
+    yield stack, tel, exporter, keys
+    loop_thread.run(stack.close())
+    tel.shutdown()
+
+
+async def _session(stack, keys, tel=None, threshold=THRESHOLD):
+    channel = grpc.aio.insecure_channel(stack.target)
+    client = RiskClient(channel, stack.policy, keys, tracer=tel.tracer("bank") if tel else None)
+    opened = await client.open(threshold=threshold, explanation_max_tokens=MAX_TOKENS)
+    return channel, client, opened
+
+
+async def _collect(client) -> dict[str, list]:
+    events: dict[str, list] = {}
+    async for tx_id, event in client.events():
+        events.setdefault(tx_id, []).append(event)
+    return events
+
+
+def test_encrypted_decisions_equal_plaintext_and_alerts_only_above_threshold(risk_env, loop_thread):
+    stack, tel, exporter, keys = risk_env
+    txs = transactions(14, seed=11)
+    x = np.array([t.features for t in txs])                                     # x: [N, F]
+    p_plain = 1 / (1 + np.exp(-stack.risk_model.logit(x)))                      # [N]
+    assert 0 < (p_plain >= THRESHOLD).sum() < len(txs), "the sample must hold both classes"
+    # CKKS error is ~1e-6 on the logit; a record this close to the threshold would be a coin flip.
+    assert np.min(np.abs(p_plain - THRESHOLD)) > 1e-4
+
+    async def scenario():
+        channel, client, opened = await _session(stack, keys, tel)
+        assert opened.num_features == 8 and opened.context_id == keys.context_id
+        for t in txs:
+            await client.send(t.transaction_id, t.features, t.memo)
+        await client.done_writing()
+        events = await _collect(client)
+        await channel.close()
+        return events
+
+    events = loop_thread.run(scenario())
+    end = events.pop("")[-1].end
+    assert (end.transactions, end.errors) == (len(txs), 0)
+    for t, p in zip(txs, p_plain):
+        evs = events[t.transaction_id]
+        d = evs[0].decision
+        assert evs[0].WhichOneof("kind") == "decision"
+        assert d.alert == bool(p >= THRESHOLD), t.transaction_id
+        assert d.probability == pytest.approx(p, abs=1e-4)
+        assert d.memo_opened == bool(t.memo)
+        chunks = [e.explanation for e in evs[1:]]
+        if d.alert:
+            assert chunks and chunks[-1].done and "".join(c.text for c in chunks).strip()
+        else:
+            assert not chunks, "no explanation below the threshold"
+    assert end.alerts == int((p_plain >= THRESHOLD).sum())
+
+
+def test_sealed_memo_opened_tampered_and_misbound_memos_rejected(risk_env, loop_thread):
+    stack, _, _, keys = risk_env
+    t = transactions(3, seed=5, memo_share=1.0)
+    before = dict(stack.runtime.rejections)
+
+    async def scenario():
+        channel, client, _ = await _session(stack, keys, threshold=0.999999)   # no explanations needed
+        good = client.request(t[0].transaction_id, await client.encrypt(t[0].features), t[0].memo)
+        tampered = client.request(t[1].transaction_id, await client.encrypt(t[1].features), t[1].memo)
+        ct = bytearray(tampered.transaction.memo.ciphertext)
+        ct[3] ^= 0x01
+        tampered.transaction.memo.ciphertext = bytes(ct)
+        # A valid memo sealed for transaction 0, attached to transaction 2: bound to the wrong id.
+        moved = client.request(t[2].transaction_id, await client.encrypt(t[2].features),
+                               memo_sealed=client.seal_memo(t[0].transaction_id, "moved memo"))
+        for r in (good, tampered, moved):
+            await client.write(r)
+        await client.done_writing()
+        events = await _collect(client)
+        await channel.close()
+        return events
+
+    events = loop_thread.run(scenario())
+    assert events[t[0].transaction_id][0].decision.memo_opened
+    err = events[t[1].transaction_id][0]
+    assert err.WhichOneof("kind") == "error" and err.error.reason == "hpke_open_failed"
+    assert err.error.code == "INVALID_ARGUMENT"
+    moved = events[t[2].transaction_id][0]
+    assert moved.WhichOneof("kind") == "error" and moved.error.reason == "wrong_binding"
+    assert events[""][-1].end.errors == 2 and events[""][-1].end.transactions == 3
+    after = stack.runtime.rejections
+    assert after["hpke_open_failed"] == before.get("hpke_open_failed", 0) + 1
+    assert after["wrong_binding"] == before.get("wrong_binding", 0) + 1
+
+
+def test_released_key_of_another_context_is_refused(risk_env, loop_thread):
+    """The broker releases a secret key that is not the public context's: CKKS would decrypt garbage
+    silently, so the enclave must refuse the session instead."""
+    stack, _, _, keys = risk_env
+    other = BankKeys.generate(1, rotations_for=8)
+
+    async def scenario():
+        channel = grpc.aio.insecure_channel(stack.target)
+        client = RiskClient(channel, stack.policy, keys)
+        client.broker.add_secret(client.name, other.export_secret())          # wrong key under the right name
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await client.open(threshold=THRESHOLD)
+                await client._call.read()
+            return info.value
+        finally:
+            await channel.close()
+
+    err = loop_thread.run(scenario())
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "key_mismatch" in err.details()
+
+
+def test_simulated_evidence_refused_under_production_policy(risk_env, loop_thread):
+    """A bank pinning a production policy never releases its key to the simulated enclave."""
+    from enclave.attestation import AttestationError
+    from enclave.attestation.policy import production
+
+    stack, _, _, keys = risk_env
+    policy = production(stack.policy.measurements)
+
+    async def scenario():
+        channel = grpc.aio.insecure_channel(stack.target)
+        client = RiskClient(channel, policy, keys)
+        try:
+            with pytest.raises(AttestationError) as info:
+                await client.open()
+            return info.value
+        finally:
+            await channel.close()
+
+    assert loop_thread.run(scenario()).reason == "simulation_not_allowed"
+
+
+def test_one_trace_per_transaction_across_services_and_no_secrets_in_spans(risk_env, loop_thread):
+    stack, tel, exporter, keys = risk_env
+    txs = transactions(40, seed=11)
+    x = np.array([t.features for t in txs])
+    p = 1 / (1 + np.exp(-stack.risk_model.logit(x)))
+    alert = next(t for t, pi in zip(txs, p) if pi >= THRESHOLD)
+    calm = next(t for t, pi in zip(txs, p) if pi < THRESHOLD)
+    secret_memo = "SECRET-MEMO-7f3a customer wired savings to a new payee"
+    alert = dataclasses.replace(alert, memo=secret_memo)
+    exporter.clear()
+
+    async def scenario():
+        channel, client, _ = await _session(stack, keys, tel)
+        for t in (alert, calm):
+            await client.send(t.transaction_id, t.features, t.memo)
+        await client.done_writing()
+        await _collect(client)
+        await channel.close()
+
+    loop_thread.run(scenario())
+    assert tel.force_flush()
+    spans = exporter.get_finished_spans()
+    roots = {s.context.trace_id: s for s in spans if s.name == "privlm.risk.client.transaction"}
+    assert len(roots) == 2, "one trace per transaction"
+    for trace_id in roots:
+        names = {s.name for s in spans if s.context.trace_id == trace_id}
+        assert {"privlm.risk.transaction", "privlm.risk.he_score", "privlm.risk.decrypt"} <= names
+        he_server = [s for s in spans if s.context.trace_id == trace_id and s.kind == SpanKind.SERVER
+                     and "ScoreBatch" in s.name]
+        assert he_server, f"the HE service's server span is in the transaction's trace: {names}"
+    alert_trace = next(t for t, s in roots.items()
+                       if any(x.name == "privlm.risk.explain" and x.context.trace_id == t for x in spans))
+    worker = [s for s in spans if s.context.trace_id == alert_trace and s.kind == SpanKind.SERVER
+              and "Worker/Generate" in s.name]
+    assert worker, "the worker's Generate span joins the alert's trace"
+    assert "privlm.risk.memo_open" in {s.name for s in spans if s.context.trace_id == alert_trace}
+    # Parent links: transaction span under the bank's span, HE scoring under the transaction.
+    tx_span = next(s for s in spans if s.name == "privlm.risk.transaction" and s.context.trace_id == alert_trace)
+    assert tx_span.parent.span_id == roots[alert_trace].context.span_id
+    for s in spans:
+        blob = repr(s.to_json())
+        assert "SECRET-MEMO-7f3a" not in blob and "wired savings" not in blob
