@@ -132,3 +132,51 @@ def test_standalone_receiver_process(tmp_path):
     assert spans["inner"]["parent_span_id"] == spans["outer"]["span_id"]
     assert spans["inner"]["attributes"]["gen_ai.usage.output_tokens"] == 7
     assert spans["outer"]["service"] == "privlm-test"
+
+
+def test_bidi_stream_spans_end_with_the_call():
+    """Stream-stream calls (the risk-alert stream's shape): client span ends when the call does, even
+    if the caller stops reading early, and the server span is its child."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from privlm.grpcserver import new_server
+    from privlm.telemetry import server_interceptors
+
+    memory = InMemorySpanExporter()
+    tel = setup_telemetry(TelemetryConfig(service_name="privlm-test", export_delay_ms=10), set_global=False,
+                          extra_exporters=[memory])
+
+    async def echo(request_iterator, context):
+        async for item in request_iterator:
+            yield item.upper()
+
+    async def scenario():
+        server = new_server(server_interceptors(tel.tracer_provider, Instruments(tel.meter_provider)))
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "test.Echo", {"Chat": grpc.stream_stream_rpc_method_handler(echo)}),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}",
+                                             interceptors=client_interceptors(tel.tracer_provider)) as ch:
+            chat = ch.stream_stream("/test.Echo/Chat")
+
+            async def requests():
+                for x in (b"a", b"b", b"c"):
+                    yield x
+            full = [m async for m in chat(requests())]
+            call = chat(requests())
+            first = await call.read()          # read one answer, then walk away
+            call.cancel()
+        await server.stop(0.5)
+        return full, first
+
+    full, first = asyncio.run(scenario())
+    tel.shutdown()
+    assert full == [b"A", b"B", b"C"] and first == b"A"
+    spans = memory.get_finished_spans()
+    clients = [s for s in spans if s.name == "/test.Echo/Chat" and s.kind.name == "CLIENT"]
+    servers = [s for s in spans if s.name == "/test.Echo/Chat" and s.kind.name == "SERVER"]
+    assert len(clients) == 2 and len(servers) == 2, "both calls' spans ended and were exported"
+    client_ids = {c.context.span_id for c in clients}
+    assert {s.parent.span_id for s in servers} == client_ids
+    assert all(s.context.trace_id in {c.context.trace_id for c in clients} for s in servers)
