@@ -83,8 +83,20 @@ class ConfidentialClient:
     async def generate_stream(self, request: inference_pb2.GenerateRequest, trace_id: str = "",
                               timeout: float | None = None) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
         sealed, ctx = await self.seal_request(request, trace_id)
-        async for resp in open_stream(self.stub.GenerateSealed(sealed, timeout=timeout), ctx, sealed.enc):
-            yield resp
+        started = False
+        try:
+            async for resp in open_stream(self.stub.GenerateSealed(sealed, timeout=timeout), ctx, sealed.enc):
+                started = True
+                yield resp
+        except grpc.aio.AioRpcError as exc:
+            # The gateway restarted (new attested key): re-attest once and resend. Safe, because a
+            # request for an unknown key id is refused before anything is opened or generated.
+            if started or exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            await self.attest()
+            sealed, ctx = await self.seal_request(request, trace_id)
+            async for resp in open_stream(self.stub.GenerateSealed(sealed, timeout=timeout), ctx, sealed.enc):
+                yield resp
 
 
 class SealedStreamError(RuntimeError):

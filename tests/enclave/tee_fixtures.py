@@ -8,7 +8,6 @@ import datetime
 import hashlib
 import json
 import struct
-import uuid
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization

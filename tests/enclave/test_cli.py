@@ -1,8 +1,7 @@
 """privlm measure / verify / audit / certs command lines, against real servers."""
 import json
 
-import pytest
-from enclave_fixtures import MEASUREMENT, serve, sim_config, sim_runtime
+from enclave_fixtures import MEASUREMENT, serve, sim_runtime
 
 from enclave import audit_cli, certs, measure, verify_cli
 from enclave.attestation import policy as pol

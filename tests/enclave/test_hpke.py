@@ -3,7 +3,6 @@ import json
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives import hpke as pyca_hpke
 from pyhpke import AEADId, CipherSuite, KDFId, KEMId, KEMKeyPair
 

@@ -1,6 +1,5 @@
 """Sealed generation through the real gateway and worker group with the default model."""
 from privlm.transport import PLAINTEXT_DEV
-import asyncio
 
 import pytest
 from enclave_fixtures import dev_policy, sim_config

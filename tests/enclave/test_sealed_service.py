@@ -1,6 +1,5 @@
 """Sealed generation over real gRPC: attest, seal, stream; every refusal counted and audited."""
 import asyncio
-import json
 
 import grpc
 import pytest
@@ -8,7 +7,8 @@ from enclave_fixtures import channel, dev_policy, serve, sim_runtime
 
 from enclave.attestation import AttestationError
 from enclave.attestation import policy as pol
-from enclave.client import ConfidentialClient, bundle_from_pb, open_stream
+from enclave.client import ConfidentialClient, open_stream
+from enclave.hpke import ServerKey
 from enclave.audit.events import AuditEvent
 from privlm.v1 import enclave_pb2, enclave_pb2_grpc, inference_pb2
 
@@ -114,7 +114,6 @@ def test_production_policy_refuses_simulated_gateway(tmp_path):
 
 def test_errors_inside_the_boundary_come_back_sealed_and_tenant_is_bound(tmp_path):
     from enclave.client import SealedStreamError
-    from enclave_fixtures import tiny_generate
     from privlm.errors import InvalidArgument
     rt = sim_runtime(tmp_path)
 
@@ -151,3 +150,26 @@ def test_errors_inside_the_boundary_come_back_sealed_and_tenant_is_bound(tmp_pat
     assert len(out["raw"]) == 1 and out["raw"][0].error_code and b"ACCT-991" not in out["raw"][0].ciphertext
     assert out["mismatch"] == grpc.StatusCode.PERMISSION_DENIED
     assert rt.rejections["tenant_mismatch"] == 1
+
+
+def test_client_reattests_after_gateway_restart(tmp_path):
+    """A restarted gateway has a new attested key; the client re-verifies and resends once."""
+    rt1 = sim_runtime(tmp_path / "one")
+
+    async def main():
+        server, port, _ = await serve(rt1)
+        async with channel(port) as ch:
+            client = ConfidentialClient(ch, dev_policy(tmp_path / "one", rt1), tenant="bank-a")
+            await client.attest()
+            old_key = client._verified.key_config
+            rt1.keys.clear()  # what a restart looks like to the client: its key id is gone
+            rt1.key = ServerKey.generate((old_key.key_id + 1) % 256)
+            rt1.keys[rt1.key.key_id] = rt1.key
+            out = [r async for r in client.generate_stream(inference_pb2.GenerateRequest(prompt="abc"))]
+            new_key = client._verified.key_config
+        await server.stop(None)
+        return out, old_key, new_key
+
+    out, old_key, new_key = asyncio.run(main())
+    assert out[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
+    assert old_key != new_key and rt1.rejections["unknown_key_id"] == 1
