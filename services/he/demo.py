@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     from services.he.client import HEClient
     from services.he.keys import BankKeys
 
-    x, y = synthetic_applicants(4000 + args.records)
-    x_train, y_train, x_eval = x[:4000], y[:4000], x[4000:]
+    x_train, y_train = synthetic_applicants(4000, seed=7)          # the same model whatever --records is
+    x_eval, _ = synthetic_applicants(args.records, seed=8)
     model = train_logistic(x_train, y_train)
     if args.write_model:
         save_model(model, args.write_model)
