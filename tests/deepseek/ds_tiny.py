@@ -59,8 +59,14 @@ def forward_last(model, ids: torch.Tensor) -> torch.Tensor:
     return None if logits is None else logits[0]
 
 
+def set_moe_impl(model, impl: str) -> None:
+    for layer in model.model.layers:
+        if layer.is_moe:
+            layer.mlp.impl = impl
+
+
 def ep_worker(rank: int, world: int, store: str, folder: str, prompts_: list[list[int]], n: int,
-              out_dir: str) -> None:
+              out_dir: str, impl: str = "loop") -> None:
     """One rank of a real gloo group: load own slices/experts, generate, save results per rank."""
     import torch.distributed as dist
 
@@ -71,6 +77,7 @@ def ep_worker(rank: int, world: int, store: str, folder: str, prompts_: list[lis
     torch.set_num_threads(1)
     comm = Comm.create(dist.FileStore(store, world), rank, world, "cpu")
     model = DeepseekV3ForCausalLM.from_pretrained(folder, comm)
+    set_moe_impl(model, impl)
     tokens = greedy(model, prompts_, n)
     logits = forward_last(model, torch.tensor(prompts_[0]))
     load = model.expert_load()

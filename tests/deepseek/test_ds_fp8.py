@@ -83,11 +83,12 @@ def test_fp8_checkpoint_has_r1_layout_and_loads_like_its_dequantized_reference(t
 @pytest.mark.slow
 def test_fp8_checkpoint_two_ranks_unaligned_tp_slices(tmp_path):
     """At 2 ranks q_b_proj/kv_b_proj split at row 96/128 and dense MLP columns at 256: block scales
-    are sliced with an offset; tokens still equal the dequantized reference's generate()."""
+    are sliced with an offset; tokens still equal the dequantized reference's generate(). The MoE
+    runs the grouped-GEMM path (sentinel ids for the other rank's experts)."""
     _, _, fp8, deq = _fp8_folders(tmp_path)
     reference = DeepseekV3ForCausalLM.from_pretrained(deq).eval()
     ps = prompts(2, seed=9)
-    mp.start_processes(ep_worker, args=(2, str(tmp_path / "store"), str(fp8), ps, 8, str(tmp_path)),
+    mp.start_processes(ep_worker, args=(2, str(tmp_path / "store"), str(fp8), ps, 8, str(tmp_path), "grouped"),
                        nprocs=2, join=True, start_method="spawn")
     want = [hf_greedy(reference, p, 8) for p in ps]
     for r in range(2):

@@ -5,7 +5,7 @@ import torch
 import torch.multiprocessing as mp
 import pytest
 
-from ds_tiny import build, ep_worker, forward_last, hf_greedy, prompts
+from ds_tiny import build, ep_worker, forward_last, hf_greedy, prompts, set_moe_impl
 from services.inference.deepseek.generate import _decode_meta, _prefill_meta, greedy
 from services.inference.deepseek.model import DeepseekV3ForCausalLM as DeepseekV3, imbalance
 
@@ -38,9 +38,11 @@ def test_prefill_and_absorbed_decode_logits_match_transformers(tiny):
         assert torch.allclose(g, w, atol=2e-5, rtol=1e-4), (g - w).abs().max()
 
 
-def test_greedy_tokens_equal_generate_batched_and_chunked(tiny):
+@pytest.mark.parametrize("impl", ["loop", "grouped"])
+def test_greedy_tokens_equal_generate_batched_and_chunked(tiny, impl):
     folder, ref = tiny
     model = DeepseekV3.from_pretrained(folder)
+    set_moe_impl(model, impl)
     ps = prompts(4)
     want = [hf_greedy(ref, p, N_NEW) for p in ps]
     assert greedy(model, ps, N_NEW) == want                     # 4 sequences in one batch

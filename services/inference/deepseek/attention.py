@@ -120,8 +120,7 @@ class MLAttention(nn.Module):
         outs = []
         B = meta.num_decode
         if B:
-            mask = None if meta.decode_mask is None else meta.decode_mask[:, 0]  # [B, 1, L]
-            outs.append(self._decode(q_nope[:B], q_rope[:B], cache[meta.decode_slots], mask, w_kv))
+            outs.append(self._decode(q_nope[:B], q_rope[:B], decode_context(cache, meta), meta.decode_mask, w_kv))
         for p in meta.prefills:
             lat = new[p.q_start:p.q_end] if p.ctx_slots is None else cache[p.ctx_slots]
             outs.append(self._prefill(q_nope[p.q_start:p.q_end], q_rope[p.q_start:p.q_end], lat, p.mask, w_kv))
@@ -143,15 +142,28 @@ class MLAttention(nn.Module):
 
     def _decode(self, q_nope, q_rope, lat, mask, w_kv) -> torch.Tensor:
         """One query per sequence with absorbed weights. q_nope: [B, h, nope], lat: [B, L, kvl+rope],
-        mask: [B, 1, L] bool or None -> [B, h, v]."""
+        mask: [B, 1, 1, L] (bool keep-mask or additive float) or None -> [B, h, v]."""
         nope, kvl = self.cfg.qk_nope_head_dim, self.cfg.kv_lora_rank
         lat = lat.to(q_nope.dtype)
         c_kv, k_rope = lat[..., :kvl], lat[..., kvl:]
         q_lat = torch.einsum("bhn,hnk->bhk", q_nope, w_kv[:, :nope])          # [B, h, kvl]
         scores = (torch.einsum("bhk,btk->bht", q_lat, c_kv)
                   + torch.einsum("bhr,btr->bht", q_rope, k_rope)).float() * self.scale  # [B, h, L]
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
+        if mask is not None:                                                  # [B, 1, 1, L]
+            mask = mask[:, 0]
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         p = scores.softmax(-1).to(c_kv.dtype)
         o_lat = torch.einsum("bht,btk->bhk", p, c_kv)                         # [B, h, kvl]
         return torch.einsum("bhk,hvk->bhv", o_lat, w_kv[:, nope:])            # [B, h, v]
+
+
+def decode_context(cache: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
+    """Latent context of the decoding sequences [B, L, kv_lora + rope] from the step metadata:
+    a contiguous range (one sequence, no gather) or gathered slots ([B, L] or flat [B * L])."""
+    rng = getattr(meta, "decode_range", None)
+    if rng is not None:
+        return cache[rng[0]:rng[1]].unsqueeze(0)
+    slots = meta.decode_slots
+    if slots.dim() == 1:
+        slots = slots.view(meta.num_decode, -1)
+    return cache[slots]

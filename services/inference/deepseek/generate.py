@@ -33,10 +33,13 @@ def _decode_meta(lens: list[int], slots: list[torch.Tensor]) -> AttnMetadata:
     L = max(lens)
     table = torch.stack([sl[:L] for sl in slots])                                  # [B, L]
     meta = AttnMetadata(slot_mapping=torch.stack([sl[n - 1] for sl, n in zip(slots, lens)]),
-                        num_decode=len(lens), decode_slots=table)
+                        num_decode=len(lens), decode_slots=table.reshape(-1))
+    meta.decode_len = L
     if min(lens) != L:
         lt = torch.tensor(lens, device=table.device)
-        meta.decode_mask = (torch.arange(L, device=table.device)[None, :] < lt[:, None])[:, None, None, :]
+        mask = torch.zeros(len(lens), L, device=table.device)
+        mask.masked_fill_(torch.arange(L, device=table.device)[None, :] >= lt[:, None], float("-inf"))
+        meta.decode_mask = mask[:, None, None, :]                                  # [B, 1, 1, L] additive
     return meta
 
 

@@ -56,14 +56,26 @@ class MoE(nn.Module):
         if E % world:
             raise ValueError(f"n_routed_experts {E} must divide by the expert-parallel size {world}")
         self.local = experts_of_rank(cfg, world, rank)
+        n = len(self.local)
         self.gate = Router(E, H, device)
-        # only this rank's experts exist here; their names match the checkpoint's keys
-        self.experts = nn.ModuleDict({str(e): DenseMLP(H, I, 0, 1, dtype, device, cfg.fp8_block)
-                                      for e in self.local})
+        # this rank's experts live in two stacked tensors (one grouped GEMM each on GPU); the
+        # per-expert parameters are views into them, named as the checkpoint's keys
+        self.register_buffer("w13", torch.zeros(n, 2 * I, H, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("w2", torch.zeros(n, H, I, dtype=dtype, device=device), persistent=False)
+        self.experts = nn.ModuleDict()
+        for j, e in enumerate(self.local):
+            mlp = DenseMLP(H, I, 0, 1, dtype, device, cfg.fp8_block)
+            for lin, view in ((mlp.gate_proj, self.w13[j, :I]), (mlp.up_proj, self.w13[j, I:]),
+                              (mlp.down_proj, self.w2[j])):
+                lin.weight = rebind(lin.weight, view)
+            self.experts[str(e)] = mlp
         self.shared_experts = (DenseMLP(H, I * cfg.n_shared_experts, rank, world, dtype, device, cfg.fp8_block)
                                if cfg.n_shared_experts else None)
         self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.long, device=device),
                              persistent=False)
+        # "grouped": torch grouped GEMM over the stacked experts, no host sync (default on CUDA);
+        # "loop": one GEMM pair per expert that received tokens (default on CPU)
+        self.impl = "grouped" if (torch.device(device or "cpu").type == "cuda" and _GROUPED_MM) else "loop"
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [N, H] -> (weights [N, k] float32, expert ids [N, k])."""
@@ -84,13 +96,55 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [N, H] -> this rank's partial output [N, H] (local experts + its shared-expert share)."""
         w, ids = self.route(x)
-        self.tokens_per_expert += torch.bincount(ids.flatten(), minlength=self.cfg.n_routed_experts)
-        out = torch.zeros_like(x)
-        mine = (ids >= self.local.start) & (ids < self.local.stop)
-        for e in torch.unique(ids[mine]).tolist():
-            tok, k = torch.where(ids == e)
-            ye = self.experts[str(e)](x[tok])                                 # [n_e, H]
-            out.index_add_(0, tok, (ye * w[tok, k, None]).to(out.dtype))
+        flat = ids.flatten()                                                  # [N*k]
+        self.tokens_per_expert.scatter_add_(0, flat, torch.ones_like(flat))
+        out = (self._grouped if self.impl == "grouped" else self._loop)(x, w.flatten(), flat, ids.shape[1])
         if self.shared_experts is not None:
             out += self.shared_experts(x)
         return out
+
+    def _loop(self, x, w, flat, k) -> torch.Tensor:
+        """Group (token, slot) pairs by expert with one sort and one host sync for the counts."""
+        out = torch.zeros_like(x)
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.cfg.n_routed_experts)
+        lo, hi = self.local.start, self.local.stop
+        starts, local_counts = torch.stack([(counts.cumsum(0) - counts)[lo:hi], counts[lo:hi]]).tolist()
+        I = self.cfg.moe_intermediate_size
+        for j, (s, n) in enumerate(zip(starts, local_counts)):
+            if n == 0:
+                continue
+            pairs = order[s:s + n]                                            # flat (token, slot) ids
+            tok = pairs // k
+            gu = F.linear(x[tok], self.w13[j])                                # [n_e, 2I]
+            ye = F.linear(F.silu(gu[:, :I]) * gu[:, I:], self.w2[j])          # [n_e, H]
+            out.index_add_(0, tok, (ye * w[pairs, None]).to(out.dtype))
+        return out
+
+    def _grouped(self, x, w, flat, k) -> torch.Tensor:
+        """Pairs routed to other ranks' experts get a sentinel id that sorts last and lies past
+        the last group offset, so the grouped GEMMs skip them; their rows are zeroed before the
+        combine. No host synchronisation (CUDA-graph friendly)."""
+        n, I = len(self.local), self.cfg.moe_intermediate_size
+        lid = flat - self.local.start
+        lid = torch.where((lid >= 0) & (lid < n), lid, n)
+        sid, perm = torch.sort(lid)
+        hist_in = sid.float() if x.device.type == "cpu" else sid.int()
+        offs = torch.histc(hist_in, bins=n, min=0, max=n - 1).cumsum(0, dtype=torch.int32)
+        tok = perm // k
+        gu = _GROUPED_MM(x[tok], self.w13.transpose(-2, -1), offs=offs)       # [N*k, 2I]
+        y = _GROUPED_MM(F.silu(gu[:, :I]) * gu[:, I:], self.w2.transpose(-2, -1), offs=offs)  # [N*k, H]
+        y = torch.where((sid < n).unsqueeze(-1), y * w[perm, None].to(y.dtype), 0)
+        return torch.zeros_like(x).index_add_(0, tok, y.to(x.dtype))
+
+
+def rebind(param: nn.Parameter, view: torch.Tensor) -> nn.Parameter:
+    """A parameter over `view`'s storage carrying `param`'s loader attributes (and FP8 partner)."""
+    new = nn.Parameter(view, requires_grad=False)
+    new.__dict__.update(param.__dict__)
+    if getattr(param, "partner", None) is not None:
+        param.partner.partner = new
+    return new
+
+
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
