@@ -29,7 +29,8 @@ def bundle_from_pb(e: enclave_pb2.Evidence) -> ev.Bundle:
                         bytes(c.signature))
         t = ev.TransparencyProof(cp, e.inclusion.leaf_index, bytes(e.inclusion.leaf),
                                  tuple(bytes(p) for p in e.inclusion.path))
-    return ev.Bundle(e.tee_type, bytes(e.raw), bytes(e.key_config), bytes(e.measurement), bytes(e.nonce), t)
+    extra = tuple((a.tee_type, bytes(a.raw)) for a in e.additional)
+    return ev.Bundle(e.tee_type, bytes(e.raw), bytes(e.key_config), bytes(e.measurement), bytes(e.nonce), t, extra)
 
 
 async def fetch_and_verify(stub: enclave_pb2_grpc.ConfidentialStub, policy: Policy,

@@ -27,6 +27,10 @@ class EnclaveConfig:
     tsm_report_root: str = "/sys/kernel/config/tsm/report"
     gramine_root: str = "/dev/attestation"
     audit_origin: str = "privlm-audit"
+    # Also attest the GPU (NVIDIA confidential computing) and send its evidence with the CPU's.
+    gpu_attestation: bool = False
+    # NVIDIA attestation CLI command line; "{nonce}" is replaced. Empty: the default command.
+    nvidia_command: tuple = ()
 
     def __post_init__(self) -> None:
         check(self.attestation in BACKENDS, f"enclave.attestation must be one of {BACKENDS}")

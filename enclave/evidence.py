@@ -42,6 +42,7 @@ class Bundle:
     measurement: bytes
     nonce: bytes
     transparency: TransparencyProof | None = None
+    additional: tuple[tuple[str, bytes], ...] = ()   # (tee_type, raw) of accelerators, same report_data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,7 @@ class Verified:
     claims: Claims
     key_config: KeyConfig
     measurement: bytes
+    accelerators: tuple[Claims, ...] = ()
 
 
 def check_nonce(nonce: bytes) -> None:
@@ -57,10 +59,28 @@ def check_nonce(nonce: bytes) -> None:
 
 
 def issue(backend, nonce: bytes, key_config: bytes, measurement: bytes,
-          transparency: TransparencyProof | None = None) -> Bundle:
+          transparency: TransparencyProof | None = None, accelerators=()) -> Bundle:
     check_nonce(nonce)
-    raw = backend.evidence(nonce, report_data_for(nonce, measurement, key_config))
-    return Bundle(backend.tee_type, raw, key_config, measurement, nonce, transparency)
+    rd = report_data_for(nonce, measurement, key_config)
+    raw = backend.evidence(nonce, rd)
+    extra = tuple((a.tee_type, a.evidence(nonce, rd)) for a in accelerators)
+    return Bundle(backend.tee_type, raw, key_config, measurement, nonce, transparency, extra)
+
+
+def _check_accelerators(bundle: Bundle, policy: Policy, nonce: bytes, expected_rd: bytes) -> list[Claims]:
+    out = []
+    for tee in policy.required_accelerators:
+        raws = [raw for t, raw in bundle.additional if t == tee]
+        if not raws:
+            raise AttestationError("missing_accelerator_evidence", f"policy requires {tee} evidence; none was sent")
+        for raw in raws:
+            claims = backend_for(tee).verify(raw, policy, nonce)
+            if claims.report_data != expected_rd:
+                raise AttestationError("key_binding", f"{tee} evidence is bound to another key, measurement or nonce")
+            if claims.debug and not policy.allow_debug:
+                raise AttestationError("debug", f"{tee} runs in debug mode; policy forbids it")
+            out.append(claims)
+    return out
 
 
 def _check_transparency(bundle: Bundle, policy: Policy) -> None:
@@ -92,7 +112,8 @@ def verify_bundle(bundle: Bundle, policy: Policy, nonce: bytes, backend=None) ->
     claims = backend.verify(bundle.raw, policy, nonce)
     if claims.tee_type != bundle.tee_type:
         raise AttestationError("tee_type", "evidence TEE type differs from the bundle's")
-    if claims.report_data != report_data_for(nonce, bundle.measurement, bundle.key_config):
+    expected_rd = report_data_for(nonce, bundle.measurement, bundle.key_config)
+    if claims.report_data != expected_rd:
         raise AttestationError("key_binding", "evidence report_data does not bind this key, measurement and nonce")
     if claims.debug and not (claims.simulated or policy.allow_debug):
         raise AttestationError("debug", "TEE runs in debug mode; policy forbids it")
@@ -103,6 +124,7 @@ def verify_bundle(bundle: Bundle, policy: Policy, nonce: bytes, backend=None) ->
                                f"measurement {bundle.measurement.hex()[:16]}... is not pinned by policy {policy.name!r}")
     if policy.launch_measurements and claims.launch_measurement.hex() not in policy.launch_measurements:
         raise AttestationError("wrong_launch_measurement", "hardware launch measurement is not pinned by policy")
+    accelerators = _check_accelerators(bundle, policy, nonce, expected_rd)
     if policy.audit_public_key_pem:
         _check_transparency(bundle, policy)
     try:
@@ -111,4 +133,4 @@ def verify_bundle(bundle: Bundle, policy: Policy, nonce: bytes, backend=None) ->
         raise AttestationError("bad_key_config", str(exc)) from exc
     if claims.simulated:
         log.warning("accepted SIMULATED evidence under policy %r (no hardware protection)", policy.name)
-    return Verified(claims, key_config, bundle.measurement)
+    return Verified(claims, key_config, bundle.measurement, tuple(accelerators))

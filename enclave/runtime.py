@@ -72,8 +72,13 @@ class ConfidentialRuntime:
             self.backend = backend_for(config.attestation, report_root=config.tsm_report_root)
         else:
             self.backend = backend_for(config.attestation, device_root=config.gramine_root)
+        self.accelerators = []
+        if config.gpu_attestation:
+            opts = {"command": tuple(config.nvidia_command)} if config.nvidia_command else {}
+            self.accelerators.append(backend_for("nvidia-gpu-cc", **opts))
         # Fail at startup, not at the first client: a missing TEE is an error, never a downgrade.
-        self.backend.evidence(os.urandom(32), bytes(64))
+        for b in (self.backend, *self.accelerators):
+            b.evidence(os.urandom(32), bytes(64))
         # A fresh HPKE key per process: its lifetime is the evidence's; nothing to leak at rest.
         self.key = ServerKey.generate()
         self.keys = {self.key.key_id: self.key}
@@ -101,7 +106,8 @@ class ConfidentialRuntime:
             return self._evidence(nonce, tenant, trace_id)
 
     def _evidence(self, nonce: bytes, tenant: str, trace_id: str) -> ev.Bundle:
-        bundle = ev.issue(self.backend, nonce, self.key.config().encode(), self.measurement, self.transparency())
+        bundle = ev.issue(self.backend, nonce, self.key.config().encode(), self.measurement, self.transparency(),
+                          self.accelerators)
         self.audit.append(AuditEvent("evidence_issued", tenant=tenant, trace_id=trace_id,
                                      hashes={"nonce_sha256": sha256_hex(nonce),
                                              "evidence_sha256": sha256_hex(bundle.raw)},

@@ -66,7 +66,9 @@ class ConfidentialServicer(enclave_pb2_grpc.ConfidentialServicer):
                                                      leaf=t.leaf, path=list(t.path))
         return enclave_pb2.GetEvidenceResponse(
             evidence=enclave_pb2.Evidence(tee_type=bundle.tee_type, raw=bundle.raw, key_config=bundle.key_config,
-                                          measurement=bundle.measurement, nonce=bundle.nonce, inclusion=inclusion),
+                                          measurement=bundle.measurement, nonce=bundle.nonce, inclusion=inclusion,
+                                          additional=[enclave_pb2.AdditionalEvidence(tee_type=t, raw=r)
+                                                      for t, r in bundle.additional]),
             simulated=self.rt.simulated, warning=SIMULATION_WARNING if self.rt.simulated else "")
 
     async def GenerateSealed(self, request, context):

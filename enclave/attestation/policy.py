@@ -33,13 +33,16 @@ class Policy:
     trusted_roots_pem: tuple = ()
     # PEM public keys that sign NVIDIA attestation tokens (the NVIDIA verifier's keys).
     nvidia_token_keys_pem: tuple = ()
+    # Accelerator evidence that must accompany the CPU TEE evidence, bound to the same
+    # report_data, e.g. ["nvidia-gpu-cc"] for an H100 in confidential-computing mode.
+    required_accelerators: tuple = ()
     # PEM Ed25519 public key of the transparency log; when set, evidence must prove the
     # measurement's inclusion in a checkpoint signed by it.
     audit_public_key_pem: str = ""
 
     def __post_init__(self) -> None:
         for name in ("tee_types", "measurements", "launch_measurements", "trusted_roots_pem",
-                     "nvidia_token_keys_pem"):
+                     "nvidia_token_keys_pem", "required_accelerators"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         object.__setattr__(self, "measurements", tuple(m.lower() for m in self.measurements))
         object.__setattr__(self, "launch_measurements", tuple(m.lower() for m in self.launch_measurements))

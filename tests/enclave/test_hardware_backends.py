@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import os
+from pathlib import Path
 
 import pytest
 from tee_fixtures import DcapChain, NvidiaSigner, SnpChain, pem
@@ -135,3 +136,60 @@ def test_nvidia_cli_missing_is_a_clear_error():
     backend = backend_for("nvidia-gpu-cc", command=("privlm-no-such-nvattest", "{nonce}"))
     with pytest.raises(AttestationUnavailable, match="not on PATH"):
         backend.evidence(os.urandom(32), os.urandom(64))
+
+
+def test_cpu_plus_gpu_composite_evidence(snp_chain):
+    """SEV-SNP CPU evidence + NVIDIA GPU tokens bound to the same report_data (H100 CC deployments)."""
+    signer = NvidiaSigner()
+    nonce, kc = os.urandom(32), ServerKey.generate(5).config().encode()
+    policy = pol.production([M.hex()], trusted_roots_pem=(pem(snp_chain.ark),),
+                            nvidia_token_keys_pem=(signer.public_pem(),), required_accelerators=("nvidia-gpu-cc",))
+    rd = ev.report_data_for(nonce, M, kc)
+    cpu = snp_chain.evidence(rd, LAUNCH)
+    both = ev.Bundle("sev-snp", cpu, kc, M, nonce, additional=(("nvidia-gpu-cc", signer.evidence(rd)),))
+    v = ev.verify_bundle(both, policy, nonce)
+    assert [c.tee_type for c in v.accelerators] == ["nvidia-gpu-cc"]
+    assert _reason(lambda: ev.verify_bundle(dataclasses.replace(both, additional=()), policy, nonce)) == \
+        "missing_accelerator_evidence"
+    other = ev.report_data_for(os.urandom(32), M, kc)  # GPU evidence from another session
+    stale_gpu = dataclasses.replace(both, additional=(("nvidia-gpu-cc", signer.evidence(other)),))
+    assert _reason(lambda: ev.verify_bundle(stale_gpu, policy, nonce)) == "key_binding"
+
+
+def test_runtime_attests_gpu_through_the_cli_boundary(tmp_path):
+    """The NVIDIA CLI is an external program: a stand-in script prints constructed tokens for the
+    nonce it is given, so the subprocess path, binding and verification run for real."""
+    import sys
+
+    from enclave_fixtures import dev_policy, sim_config
+    from enclave.runtime import ConfidentialRuntime
+
+    signer = NvidiaSigner()
+    key_file = tmp_path / "nv.pem"
+    from cryptography.hazmat.primitives import serialization
+    key_file.write_bytes(signer.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()))
+    script = tmp_path / "fake_nvattest.py"
+    script.write_text(f"""
+import json, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from cryptography.hazmat.primitives import serialization
+from tee_fixtures import NvidiaSigner
+s = NvidiaSigner()
+s.key = serialization.load_pem_private_key(open({str(key_file)!r}, 'rb').read(), None)
+nonce = sys.argv[1]
+o = s.jwt({{"eat_nonce": nonce, "x-nvidia-overall-att-result": True}})
+g = s.jwt({{"eat_nonce": nonce, "measres": "success", "dbgstat": "disabled"}})
+print(json.dumps({{"detached_eat": [["JWT", o], {{"GPU-0": g}}]}}))
+""")
+    cfg = dataclasses.replace(sim_config(tmp_path), gpu_attestation=True,
+                              nvidia_command=(sys.executable, str(script), "{nonce}"))
+    rt = ConfidentialRuntime(cfg)
+    policy = dataclasses.replace(dev_policy(tmp_path, rt), nvidia_token_keys_pem=(signer.public_pem(),),
+                                 required_accelerators=("nvidia-gpu-cc",))
+    nonce = os.urandom(32)
+    v = ev.verify_bundle(rt.evidence(nonce), policy, nonce)
+    assert v.claims.simulated and v.accelerators[0].tee_type == "nvidia-gpu-cc"
+    from enclave.attestation import AttestationUnavailable
+    with pytest.raises(AttestationUnavailable):
+        ConfidentialRuntime(dataclasses.replace(cfg, nvidia_command=("privlm-no-such-cli", "{nonce}")))
