@@ -4,6 +4,6 @@ Nothing here configures anything at import time: entrypoints call setup_telemetr
 """
 from privlm.telemetry.config import TelemetryConfig
 from privlm.telemetry.interceptors import client_interceptors, server_interceptors
-from privlm.telemetry.setup import Telemetry, setup_telemetry
+from privlm.telemetry.setup import Telemetry, init_service, setup_telemetry
 
-__all__ = ["Telemetry", "TelemetryConfig", "setup_telemetry", "server_interceptors", "client_interceptors"]
+__all__ = ["Telemetry", "TelemetryConfig", "init_service", "setup_telemetry", "server_interceptors", "client_interceptors"]

@@ -215,3 +215,18 @@ class CpuUtilization:
         if wall <= 0:
             return None
         return max(0.0, min(1.0, used / (wall * self.cores)))
+
+
+class GpuUtilization:
+    """torch.cuda.utilization(device) as a fraction (NVML through torch); None when it is unavailable."""
+
+    def __init__(self, device: int = 0):
+        self.device = device
+
+    def __call__(self) -> float | None:
+        try:
+            import torch
+
+            return torch.cuda.utilization(self.device) / 100.0
+        except Exception:  # noqa: BLE001 - no NVML / no GPU: report nothing rather than a wrong 0
+            return None

@@ -104,3 +104,19 @@ def setup_telemetry(config: TelemetryConfig, *, set_global: bool = True,
     log.info("telemetry for %s: spans -> %s, metrics on %s", config.service_name,
              config.otlp_endpoint or "not exported", f"{config.metrics_host}:{port}" if port else "off")
     return Telemetry(config, tracer_provider, meter_provider, port, http_server, http_thread, registry)
+
+
+def init_service(config: TelemetryConfig, *, utilization=None) -> Telemetry:
+    """What a service entrypoint calls once, after logging is configured.
+
+    Installs the global providers (setup_telemetry), the traceback redaction on every root log
+    handler, and a utilisation source for privlm_accelerator_utilization (default: this process's
+    CPU share; a GPU worker passes GpuUtilization(device_index)).
+    """
+    from privlm.telemetry import instruments
+    from privlm.telemetry.redact import install_log_redaction
+
+    telemetry = setup_telemetry(config)
+    install_log_redaction()
+    instruments.get().observe_utilization(utilization or instruments.CpuUtilization())
+    return telemetry

@@ -120,3 +120,20 @@ def test_observed_gauges_and_alert_names(telemetry):
     assert float(canary.group(1)) == pytest.approx(1 + ALERT_THRESHOLD)
     assert "> 0.30" in by_name["PrivlmAcceleratorUtilizationSwing"]["expr"]
     assert by_name["PrivlmAcceleratorUtilizationSwing"]["for"] == "5m"
+
+
+def test_entrypoint_path_in_a_fresh_process():
+    """init_service() installs the globals; instruments obtained before it still export."""
+    import json
+    import subprocess
+    import sys
+
+    here = Path(__file__).resolve().parent
+    out = subprocess.run([sys.executable, str(here / "global_process.py")], capture_output=True, text=True,
+                         timeout=60, check=True)
+    text = json.loads(out.stdout.strip().splitlines()[-1])["text"]
+    samples = {s.name: s for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples["privlm_requests_total"].labels["rpc_method"] == "/a.B/C"
+    assert samples["privlm_engine_batch_size_sum"].value == 3
+    assert 0.0 <= samples["privlm_accelerator_utilization"].value <= 1.0
+    assert samples["target_info"].labels["service_name"] == "privlm-global-test"
