@@ -252,16 +252,39 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def supervise(children: list[Child], log_dir: Path, args, stop_requested: list, transport) -> None:
-    """Wait for a stop signal; restart a worker group that died (same port, the gateway reconnects)."""
+def health_status(child: Child, transport) -> int | None:
+    """The child's overall grpc.health.v1 status, or None when it does not answer."""
+    if child.plaintext:
+        from privlm.transport import PLAINTEXT_DEV as transport
+    with transport.channel(f"127.0.0.1:{child.port}", "client") as ch:
+        try:
+            return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0).status
+        except grpc.RpcError:
+            return None
+
+
+def supervise(children: list[Child], log_dir: Path, args, stop_requested: list, transport,
+              period: float = 1.0, unhealthy_checks: int = 3) -> None:
+    """Wait for a stop signal. A service that exits, or that stays NOT_SERVING (a worker group whose
+    rank died) for `unhealthy_checks` checks in a row, is restarted on the same port, so the
+    gateway's channel reconnects to it."""
+    bad = {c.name: 0 for c in children}
     while not stop_requested:
-        time.sleep(0.2)
+        time.sleep(period)
         for child in children:
-            if child.alive() or stop_requested:
-                continue
-            log.error("%s exited with code %s; restarting it. Log tail:\n%s", child.name,
-                      child.proc.returncode, tail(child.log_path, 5))
-            child.stop(0)
+            if stop_requested:
+                return
+            if child.alive():
+                status = health_status(child, transport)
+                bad[child.name] = 0 if status == health_pb2.HealthCheckResponse.SERVING else bad[child.name] + 1
+                if bad[child.name] < unhealthy_checks:
+                    continue
+                log.error("%s is not SERVING (%d checks); restarting it", child.name, bad[child.name])
+            else:
+                log.error("%s exited with code %s; restarting it. Log tail:\n%s", child.name,
+                          child.proc.returncode, tail(child.log_path, 5))
+            bad[child.name] = 0
+            child.stop(args.grace if child.alive() else 0)
             child.restarts += 1
             child.start(log_dir)
             try:
