@@ -33,8 +33,6 @@ def verify_chain(chain: list[x509.Certificate], trusted_roots_pem) -> x509.Certi
         top.verify_directly_issued_by(top)
         for child, parent in zip(chain, chain[1:]):
             child.verify_directly_issued_by(parent)
-    except (ValueError, TypeError, Exception) as exc:  # InvalidSignature, unsupported algorithm
-        if isinstance(exc, AttestationError):
-            raise
+    except Exception as exc:  # InvalidSignature, ValueError/TypeError for unsupported algorithms
         raise AttestationError("bad_cert_chain", f"certificate chain does not verify: {exc}") from exc
     return chain[0]
