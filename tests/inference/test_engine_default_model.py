@@ -61,3 +61,18 @@ def test_info(engine):
     assert engine.info.eos_token_ids == (2,)
     assert engine.info.context_window == 8192
     assert 130e6 < engine.info.parameters < 140e6
+
+
+@pytest.mark.slow
+def test_tp2_greedy_equals_transformers(default_model, hf_model, prompts):
+    """TP=2 on the default model: 3 KV heads split 2 + 1, vocab-parallel tied embedding / lm_head."""
+    eng = create_engine(EngineConfig(model=str(default_model), dtype="float32", tp=2, threads=1,
+                                     max_num_batched_tokens=64, num_kv_blocks=256))
+    try:
+        st = eng.stats()
+        total = st.extra["weight_bytes_rank0"] + st.extra["weight_bytes_rank1"]
+        assert 0.45 < st.extra["weight_bytes_rank0"] / total < 0.6
+        refs = [hf_greedy(hf_model, p, 16) for p in prompts[:3]]
+        assert generate(eng, prompts[:3], 16) == refs
+    finally:
+        eng.shutdown()

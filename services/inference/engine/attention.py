@@ -26,8 +26,11 @@ class PrefillMeta:
 class AttnMetadata:
     slot_mapping: torch.Tensor            # [N] slot of each new token
     num_decode: int = 0
-    decode_slots: torch.Tensor | None = None   # [B, Lmax] slots of each decoding sequence's context
-    decode_mask: torch.Tensor | None = None    # [B, 1, 1, Lmax] bool, None when all lengths equal
+    decode_len: int = 0                        # Lmax: longest decoding context
+    decode_slots: torch.Tensor | None = None   # [B * Lmax] slots of each decoding sequence's context
+    decode_range: tuple[int, int] | None = None  # B == 1 with contiguous slots: cache[a:b], no gather
+    decode_mask: torch.Tensor | None = None    # [B, 1, 1, Lmax] additive float mask (0 / -inf), None
+                                               # when all lengths are equal
     prefills: list[PrefillMeta] = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # per-step tensors a model wants to share across layers
 
@@ -42,13 +45,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
     outs = []
     b = meta.num_decode
     if b:
-        kv = cache[meta.decode_slots]                       # [B, L, 2, Hkv, D]
-        kk = kv[:, :, 0].transpose(1, 2)                    # [B, Hkv, L, D]
-        vv = kv[:, :, 1].transpose(1, 2)
-        qd = q[:b].unsqueeze(2)                             # [B, Hq, 1, D]
-        o = F.scaled_dot_product_attention(qd, kk, vv, attn_mask=meta.decode_mask, scale=scale,
-                                           enable_gqa=True)  # [B, Hq, 1, D]
-        outs.append(o.reshape(b, hq * d))
+        outs.append(decode_attention(q[:b], cache, meta, scale))
     for p in meta.prefills:
         t = p.q_end - p.q_start
         qp = q[p.q_start:p.q_end].transpose(0, 1).unsqueeze(0)  # [1, Hq, T, D]
@@ -63,3 +60,26 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
             o = F.scaled_dot_product_attention(qp, kk, vv, attn_mask=p.mask, scale=scale, enable_gqa=True)
         outs.append(o[0].transpose(0, 1).reshape(t, hq * d))  # [T, Hq * D]
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+
+def decode_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttnMetadata, scale: float) -> torch.Tensor:
+    """One query per sequence: q [B, Hq, D] -> [B, Hq * D].
+
+    Plain matmul + softmax is several times cheaper than SDPA for a single query on CPU; grouped
+    query heads are handled by viewing q as [B, Hkv, G, D] (no KV head repetition)."""
+    b, hq, d = q.shape
+    hkv = cache.shape[2]
+    if meta.decode_range is not None:
+        a, e = meta.decode_range
+        kv = cache[a:e].unsqueeze(0)                            # [1, L, 2, Hkv, D] (a view)
+    else:
+        kv = cache.view(cache.shape[0], -1).index_select(0, meta.decode_slots)
+        kv = kv.view(b, meta.decode_len, 2, hkv, d)             # [B, L, 2, Hkv, D]
+    k = kv[:, :, 0].permute(0, 2, 3, 1)                         # [B, Hkv, D, L]
+    v = kv[:, :, 1].transpose(1, 2)                             # [B, Hkv, L, D]
+    s = torch.matmul(q.view(b, hkv, hq // hkv, d), k)           # [B, Hkv, G, L]
+    s = s.float() * scale
+    if meta.decode_mask is not None:
+        s = s + meta.decode_mask
+    p = torch.softmax(s, dim=-1).to(q.dtype)
+    return torch.matmul(p, v).view(b, hq * d)                   # [B, Hkv, G, D] -> [B, Hq * D]

@@ -66,7 +66,7 @@ class LLMEngine:
         self._healthy = True
         self._error = ""
         self._stopping = False
-        self._stats = EngineStats(kv_blocks_total=runner.num_blocks, kv_blocks_free=runner.num_blocks)
+        self._stats = EngineStats()
         self._thread = threading.Thread(target=self._loop, name="privlm-engine", daemon=True)
         self._thread.start()
 
@@ -82,7 +82,7 @@ class LLMEngine:
         with self._lock:
             if request.request_id in self._active:
                 raise InvalidRequest(f"request_id {request.request_id!r} is already in flight")
-            if self._stats.waiting + sum(1 for m in self._inbox if m[0] == "add") >= self.config.max_queue:
+            if len(self.scheduler.waiting) + sum(1 for m in self._inbox if m[0] == "add") >= self.config.max_queue:
                 raise EngineOverloaded(f"queue full ({self.config.max_queue} waiting requests), retry later")
             self._active[request.request_id] = (on_event, seq.prompt_len)
             self._inbox.append(("add", seq))
@@ -95,9 +95,15 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         with self._lock:
-            s = EngineStats(**{k: getattr(self._stats, k) for k in (
-                "waiting", "running", "kv_blocks_total", "kv_blocks_free", "tokens_generated",
-                "requests_finished", "steps", "batch_size_last")})
+            st = self._stats
+            s = EngineStats(tokens_generated=st.tokens_generated, requests_finished=st.requests_finished,
+                            steps=st.steps, batch_size_last=st.batch_size_last,
+                            kv_blocks_total=self.block_manager.num_blocks)
+            queued = sum(1 for m in self._inbox if m[0] == "add")
+        # Plain reads of lengths owned by the loop thread: a snapshot, good enough for monitoring.
+        s.waiting = len(self.scheduler.waiting) + queued
+        s.running = len(self.scheduler.running)
+        s.kv_blocks_free = self.block_manager.num_free
         s.healthy = self.healthy
         s.extra = {"preemptions": float(self.scheduler.num_preemptions),
                    "weight_bytes_rank0": float(self.runner.weight_bytes)}
@@ -181,11 +187,6 @@ class LLMEngine:
                 if seq is not None:
                     self._gens.pop(seq.seq_id, None)
                     self._emit(item, (), FinishReason.CANCELLED)
-        if msgs:   # stats must reflect a cancel even when no step follows it
-            with self._lock:
-                st = self._stats
-                st.waiting, st.running = len(self.scheduler.waiting), len(self.scheduler.running)
-                st.kv_blocks_free = self.block_manager.num_free
 
     def _loop(self) -> None:
         try:
@@ -236,5 +237,3 @@ class LLMEngine:
             st.batch_size_last = len(plan.chunks)
             st.tokens_generated += len(results)
             st.requests_finished += sum(1 for r in results if r[2] is not None)
-            st.waiting, st.running = len(sched.waiting), len(sched.running)
-            st.kv_blocks_free = self.block_manager.num_free

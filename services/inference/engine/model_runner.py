@@ -96,18 +96,7 @@ class ModelRunner:
         meta = AttnMetadata(slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev))
         nd = plan.num_decode
         if nd:
-            dec = plan.chunks[:nd]
-            lens = [c.start_pos + 1 for c in dec]
-            lmax = max(lens)
-            nblk = -(-lmax // bs)
-            table = torch.tensor([list(c.block_table[:nblk]) + [0] * (nblk - len(c.block_table[:nblk]))
-                                  for c in dec], dtype=torch.int64, device=dev)   # [B, nblk]
-            p = torch.arange(lmax, device=dev)
-            meta.num_decode = nd
-            meta.decode_slots = table[:, p // bs] * bs + p % bs                    # [B, Lmax]
-            if min(lens) != lmax:
-                lt = torch.tensor(lens, device=dev)
-                meta.decode_mask = (p[None, :] < lt[:, None])[:, None, None, :]    # [B, 1, 1, Lmax]
+            self._prepare_decode(plan.chunks[:nd], meta)
         row = nd
         for c in plan.chunks[nd:]:
             t = len(c.token_ids)
@@ -124,3 +113,24 @@ class ModelRunner:
         ids_t = torch.tensor(ids, dtype=torch.int64, device=dev)
         pos_t = torch.tensor(pos, dtype=torch.int64, device=dev)
         return ids_t, pos_t, meta, sample_rows
+
+    def _prepare_decode(self, dec, meta: AttnMetadata) -> None:
+        bs, dev = self.config.block_size, self.device
+        lens = [c.start_pos + 1 for c in dec]
+        lmax = max(lens)
+        nblk = -(-lmax // bs)
+        meta.num_decode, meta.decode_len = len(dec), lmax
+        if len(dec) == 1:
+            bt = dec[0].block_table[:nblk]
+            if all(bt[i + 1] == bt[i] + 1 for i in range(len(bt) - 1)):
+                meta.decode_range = (bt[0] * bs, bt[0] * bs + lmax)
+                return
+        table = torch.tensor([list(c.block_table[:nblk]) + [0] * (nblk - min(nblk, len(c.block_table)))
+                              for c in dec], dtype=torch.int64, device=dev)      # [B, nblk]
+        p = torch.arange(lmax, device=dev)
+        meta.decode_slots = (table[:, p // bs] * bs + p % bs).reshape(-1)       # [B * Lmax]
+        if min(lens) != lmax:
+            lt = torch.tensor(lens, device=dev)
+            mask = torch.zeros((len(dec), lmax), dtype=torch.float32, device=dev)
+            mask.masked_fill_(p[None, :] >= lt[:, None], float("-inf"))
+            meta.decode_mask = mask[:, None, None, :]                            # [B, 1, 1, Lmax]

@@ -1,0 +1,167 @@
+"""CPU engine benchmarks on the default model (bf16), baseline = transformers generate() bf16 on the
+same threads, measured in the same run.
+
+  engine.cpu.decode_bs1_vs_hf      batch-1 decode tokens/s, ratio to HF generate()   (target >= 2)
+  engine.cpu.concurrent16_vs_bs1   aggregate tokens/s of 16 concurrent requests, ratio to the
+                                   engine's own batch-1 decode tokens/s               (target >= 8)
+  engine.cpu.ttft_under_prefill    median TTFT of a short request while a 5k-token prompt is being
+                                   prefilled, ratio to its idle TTFT                 (target < 2)
+
+`python -m bench.bench_engine_cpu [--threads 2] [--new-tokens 64] [--skip-hf]`
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.report import report  # noqa: E402
+
+
+class _Timeline:
+    """Per-request token arrival times (engine events)."""
+
+    def __init__(self):
+        self.submitted = time.perf_counter()
+        self.times: list[float] = []
+        self.tokens = 0
+        self.done = threading.Event()
+
+    def __call__(self, ev):
+        now = time.perf_counter()
+        for _ in ev.token_ids:
+            self.times.append(now)
+        self.tokens += len(ev.token_ids)
+        if ev.finish_reason is not None:
+            self.done.set()
+
+
+def _submit(engine, rid, prompt, n):
+    from services.inference.types import GenerationRequest, SamplingParams
+
+    tl = _Timeline()
+    engine.submit(GenerationRequest(rid, tuple(prompt), SamplingParams(max_new_tokens=n)), tl)
+    return tl
+
+
+def _decode_rate(times: list[float]) -> float:
+    return (len(times) - 1) / (times[-1] - times[0])
+
+
+def hf_decode_rate(model_dir: str, prompt: list[int], n: int, reps: int) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    class Stamp(BaseStreamer):
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, local_files_only=True).eval()
+    ids = torch.tensor([prompt])
+    rates = []
+    with torch.inference_mode():
+        for i in range(reps + 1):                      # first run: warm-up with the same shapes
+            st = Stamp()
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, streamer=st, pad_token_id=0)
+            if i:
+                rates.append(_decode_rate(st.times[1:]))   # times[0] is the prompt
+    del model
+    return statistics.median(rates)
+
+
+def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--prefill-chunk", type=int, default=64)
+    ap.add_argument("--budget", type=int, default=256)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from privlm.model_prep import prepare
+    from services.inference.config import EngineConfig
+    from services.inference.engine import create_engine
+
+    torch.set_num_threads(args.threads)
+    model_dir = str(prepare(log=lambda *a: None))
+    n = args.new_tokens
+    prompt = [1] + [(i * 7919) % 40000 + 100 for i in range(127)]          # 128 tokens
+    hf = None if args.skip_hf else hf_decode_rate(model_dir, prompt, n, args.reps)
+
+    cfg = EngineConfig(model=model_dir, dtype="bfloat16", threads=args.threads, max_num_seqs=32,
+                       max_num_batched_tokens=args.budget, prefill_chunk=args.prefill_chunk)
+    engine = create_engine(cfg)
+    try:
+        # batch-1 decode (warm-up run with the same shapes first)
+        rates = []
+        for i in range(args.reps + 1):
+            tl = _submit(engine, f"bs1-{i}", prompt, n)
+            tl.done.wait()
+            if i:
+                rates.append(_decode_rate(tl.times))
+        bs1 = statistics.median(rates)
+        report("engine.cpu.decode_bs1_vs_hf", "ratio", bs1 / hf if hf else 0.0, None, 2.0,
+               engine_tok_s=round(bs1, 2), hf_bf16_tok_s=None if hf is None else round(hf, 2),
+               new_tokens=n, prompt_tokens=len(prompt), threads=args.threads)
+
+        # 16 concurrent requests, different prompts: aggregate tokens/s over the whole run
+        prompts = [[1] + [(i * 7919 + k * 104729) % 40000 + 100 for i in range(127)] for k in range(16)]
+        for rep in range(2):                                 # rep 0 warms up the batched shapes
+            t0 = time.perf_counter()
+            tls = [_submit(engine, f"c{rep}-{k}", p, n) for k, p in enumerate(prompts)]
+            for tl in tls:
+                tl.done.wait()
+            agg = sum(tl.tokens for tl in tls) / (time.perf_counter() - t0)
+        report("engine.cpu.concurrent16_vs_bs1", "ratio", agg / bs1, None, 8.0, aggregate_tok_s=round(agg, 2),
+               bs1_tok_s=round(bs1, 2), requests=16, new_tokens=n, threads=args.threads)
+
+        # short-request TTFT, idle vs while a 5k-token prompt prefills (chunked)
+        short = [1] + [(i * 31 + 5) % 40000 + 100 for i in range(31)]
+        idle = []
+        for i in range(6):
+            tl = _submit(engine, f"idle-{i}", short, 1)
+            tl.done.wait()
+            if i:
+                idle.append(tl.times[0] - tl.submitted)
+        long_prompt = [1] + [(i * 7919) % 40000 + 100 for i in range(4999)]
+        big = _submit(engine, "long", long_prompt, 1)
+        loaded = []
+        time.sleep(0.5)
+        while not big.done.is_set() and len(loaded) < 8:
+            tl = _submit(engine, f"busy-{len(loaded)}", short, 1)
+            tl.done.wait()
+            if not big.done.is_set():
+                loaded.append(tl.times[0] - tl.submitted)
+            time.sleep(0.2)
+        big.done.wait()
+        prefill_s = big.times[0] - big.submitted
+        idle_ms, busy_ms = statistics.median(idle) * 1e3, statistics.median(loaded) * 1e3
+        report("engine.cpu.ttft_under_prefill", "ratio", busy_ms / idle_ms, None, 2.0, better="lower",
+               idle_ttft_ms=round(idle_ms, 1), busy_ttft_ms=round(busy_ms, 1),
+               busy_ttft_max_ms=round(max(loaded) * 1e3, 1), samples=len(loaded),
+               long_prompt_tokens=len(long_prompt), long_prefill_s=round(prefill_s, 2),
+               prefill_chunk=args.prefill_chunk, budget=args.budget, threads=args.threads)
+    finally:
+        engine.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
