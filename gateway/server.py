@@ -89,6 +89,25 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return out
 
 
+def config_mounts(config: GatewayConfig, service: GatewayService):
+    """The services the configuration asks for on the gateway's server: Confidential + Audit (with the
+    tenant the gateway authenticated), then the risk stream sharing the same attested runtime."""
+    if config.enclave is None:
+        return None
+
+    def extra(server, generate_stream) -> list[str]:
+        from enclave.gateway_mount import mount
+
+        mounted = mount(server, generate_stream, config.enclave, tenant_of=lambda ctx: current_tenant.get() or None)
+        names = list(mounted.names)
+        if config.risk is not None:
+            from gateway.scenarios.risk import mount_risk_service
+
+            names += mount_risk_service(server, service, config.risk, runtime=mounted.runtime)
+        return names
+    return extra
+
+
 async def create_server(config: GatewayConfig, server_interceptors=(), client_interceptors=(),
                         extra_services=None):
     """Build (not start) the gateway: returns (server, port, service, health).
@@ -108,6 +127,7 @@ async def create_server(config: GatewayConfig, server_interceptors=(), client_in
     servicer = InferenceServicer(service)
     pb_grpc.add_InferenceServicer_to_server(servicer, server)
     names = [SERVICE_NAME]
+    extra_services = extra_services or config_mounts(config, service)
     if extra_services is not None:
         names += extra_services(server, servicer.GenerateStream)
     health = add_health_and_reflection(server, names)
@@ -143,6 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--ready-file", type=Path, default=None)
     add_transport_args(ap)
+    ap.add_argument("--attestation", default="none", choices=["none", "simulated", "sev-snp", "tdx", "sgx-gramine"],
+                    help="TEE backend for privlm.v1.Confidential (sealed generation) and the audit log")
+    ap.add_argument("--allow-simulated", action="store_true",
+                    help="DEVELOPMENT ONLY: permit --attestation simulated (no TEE hardware; said everywhere)")
+    ap.add_argument("--enclave-dir", type=Path, default=None, help="keys and audit log (default .cache/enclave)")
+    ap.add_argument("--he-target", default=None, help="HE service host:port: mounts privlm.v1.RiskAlerts")
     auth = ap.add_mutually_exclusive_group(required=True)
     auth.add_argument("--tenants", type=Path, help="JSON list of tenants (tenant, token_sha256, limits)")
     auth.add_argument("--allow-anonymous", action="store_true",
@@ -155,8 +181,20 @@ def main(argv: list[str] | None = None) -> int:
 
         model = str(default_model_dir())
     tenants = load_tenants(args.tenants) if args.tenants else ()
+    enclave = risk = None
+    if args.attestation != "none":
+        from enclave.config import EnclaveConfig
+        from privlm.config import cache_dir
+
+        edir = args.enclave_dir or cache_dir() / "enclave"
+        enclave = EnclaveConfig(attestation=args.attestation, allow_simulated=args.allow_simulated,
+                                key_dir=str(edir / "keys"), audit_dir=str(edir / "audit"), model_path=model)
+        if args.he_target:
+            from gateway.scenarios.risk_config import RiskConfig
+
+            risk = RiskConfig(he_target=args.he_target, enclave=enclave)
     cfg = GatewayConfig(models=(ModelRoute(model, args.worker, args.model_id),), transport=transport_from_args(args),
                         host=args.host, port=args.port,
-                        tenants=tenants, allow_anonymous=args.allow_anonymous)
+                        tenants=tenants, allow_anonymous=args.allow_anonymous, enclave=enclave, risk=risk)
     asyncio.run(serve(cfg, args.ready_file))
     return 0

@@ -106,8 +106,12 @@ def build_children(args, model: str, transport) -> list[Child]:
                                    "--dtype", args.dtype, "--port", str(wport), *tls], wport)
     gport = args.port if args.port else free_port()
     auth = ["--tenants", str(args.tenants)] if args.tenants else ["--allow-anonymous"]
+    attest = ["--attestation", args.attestation]
+    if args.attestation == "simulated":
+        log.warning("SIMULATED attestation: this machine has no TEE; any production policy rejects its evidence")
+        attest.append("--allow-simulated")
     gateway = Child("gateway", py + ["gateway", "--model", model, "--worker", f"127.0.0.1:{wport}",
-                                     "--port", str(gport), *auth, *tls], gport)
+                                     "--port", str(gport), *auth, *tls, *attest], gport)
     children = [worker, gateway]
     if not args.no_he:
         hport = free_port()
@@ -190,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="mTLS certificates (default: .cache/run/certs, created on first use)")
     ap.add_argument("--plaintext-dev", action="store_true",
                     help="DEVELOPMENT ONLY: plaintext gRPC between all services and clients (warns)")
+    ap.add_argument("--attestation", default="simulated",
+                    choices=["none", "simulated", "sev-snp", "tdx", "sgx-gramine"],
+                    help="TEE backend for sealed generation and the audit log (default: simulated, which "
+                         "says so everywhere and is rejected by production policies)")
     ap.add_argument("--state-file", type=Path, default=None, help="write service ports and pids here (JSON)")
     ap.add_argument("--log-dir", type=Path, default=None, help="service logs (default: a temp folder)")
     ap.add_argument("--startup-timeout", type=float, default=300.0)
