@@ -45,15 +45,17 @@ def _decode_meta(lens: list[int], slots: list[torch.Tensor]) -> AttnMetadata:
 
 @torch.no_grad()
 def greedy(model: DeepseekV3ForCausalLM, prompts: list[list[int]], max_new_tokens: int,
-           prefill_chunk: int | None = None, on_step=None) -> list[list[int]]:
+           prefill_chunk: int | None = None, on_step=None, cache: torch.Tensor | None = None,
+           span: int | None = None) -> list[list[int]]:
     """Prompts -> max_new_tokens greedy ids each (no EOS stop). Sequence b owns cache slots
     [b * span, (b + 1) * span); prompts are prefilled in chunks of `prefill_chunk` tokens.
     on_step(kind, batch) is called after each forward ("prefill"/"decode") for timing."""
     comm = model.comm
     dev = model.inv_freq.device
-    span = max(len(p) for p in prompts) + max_new_tokens
-    layers, slot_shape = model.kv_cache_spec()
-    cache = torch.zeros(layers, span * len(prompts), *slot_shape, dtype=model.dtype, device=dev)
+    span = span or max(len(p) for p in prompts) + max_new_tokens
+    if cache is None:
+        layers, slot_shape = model.kv_cache_spec()
+        cache = torch.zeros(layers, span * len(prompts), *slot_shape, dtype=model.dtype, device=dev)
     slots = [torch.arange(b * span, (b + 1) * span, device=dev) for b in range(len(prompts))]
 
     def run(ids, pos, meta, rows):
