@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
@@ -17,7 +18,7 @@ import grpc
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
-from privlm.errors import InvalidArgument, ResourceExhausted
+from privlm.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 from privlm.grpcserver import SERVING, add_health_and_reflection, bind, new_server
 from privlm.v1 import he_pb2 as pb
 from privlm.v1 import he_pb2_grpc as pb_grpc
@@ -59,17 +60,33 @@ class HomomorphicPreprocessorServicer(pb_grpc.HomomorphicPreprocessorServicer):
         self.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="privlm-he")
         self.tracer = tracer or trace.get_tracer("privlm.he")
         self._pending = 0
+        self.dropped_expired = 0          # requests whose deadline passed before a worker got to them
+        self.jobs_run = 0                 # engine calls actually executed
 
-    async def _run(self, span_name: str, attrs: dict, fn, *args):
-        """Run engine work on the pool inside a business span (sizes and ids only: never values/keys)."""
+    async def _run(self, context, span_name: str, attrs: dict, fn, *args):
+        """Run engine work on the pool inside a business span (sizes and ids only: never values/keys).
+
+        Over max_pending: RESOURCE_EXHAUSTED at once. A request cancelled or past its deadline while it
+        waits for a worker is dropped instead of computed for nobody (gRPC cancels the handler, which
+        cancels the queued job; the deadline check covers a job dequeued in the same instant)."""
         if self._pending >= self.config.max_pending:
             raise ResourceExhausted(f"{self._pending} HE requests in progress (limit {self.config.max_pending}); "
                                     "retry with backoff")
+        remaining = context.time_remaining() if context is not None else None
+        deadline = None if remaining is None else time.monotonic() + remaining
+
+        def job():
+            if deadline is not None and time.monotonic() > deadline:
+                self.dropped_expired += 1
+                raise DeadlineExceeded("the deadline expired while the request waited for an HE worker")
+            self.jobs_run += 1
+            return fn(*args)
+
         self._pending += 1
         with self.tracer.start_as_current_span(span_name, attributes=attrs, record_exception=False,
                                                set_status_on_exception=False) as span:
             try:
-                return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+                return await asyncio.get_running_loop().run_in_executor(self.executor, job)
             except Exception as exc:
                 span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
                 raise
@@ -77,7 +94,7 @@ class HomomorphicPreprocessorServicer(pb_grpc.HomomorphicPreprocessorServicer):
                 self._pending -= 1
 
     async def RegisterContext(self, request, context):
-        cid, info, already = await self._run("privlm.he.register_context",
+        cid, info, already = await self._run(context, "privlm.he.register_context",
                                              {"privlm.he.context_bytes": len(request.public_context)},
                                              self.engine.register_context, _tenant(context), request.public_context)
         return pb.RegisterContextResponse(context_id=cid, parameters=_parameters(info), already_registered=already)
@@ -97,7 +114,7 @@ class HomomorphicPreprocessorServicer(pb_grpc.HomomorphicPreprocessorServicer):
         attrs = {"privlm.he.context_id": request.context_id[:16], "privlm.he.model_id": request.model_id[:23],
                  "privlm.he.packing": job.packing, "privlm.he.records": job.num_records,
                  "privlm.he.ciphertexts": len(job.ciphertexts), "privlm.he.activation": job.activation}
-        out = await self._run("privlm.he.score", attrs, self.engine.score, _tenant(context), job)
+        out = await self._run(context, "privlm.he.score", attrs, self.engine.score, _tenant(context), job)
         return pb.ScoreBatchResponse(context_id=out.context_id, model_id=out.model.model_id,
                                      model_version=out.model.version, packing=_PACKING_PB[out.packing],
                                      num_records=out.num_records, scores=out.scores,
@@ -113,7 +130,7 @@ class HomomorphicPreprocessorServicer(pb_grpc.HomomorphicPreprocessorServicer):
             raise InvalidArgument("axis must be AXIS_CIPHERTEXTS or AXIS_SLOTS")
         attrs = {"privlm.he.context_id": request.context_id[:16], "privlm.he.ciphertexts": len(request.ciphertexts),
                  "privlm.he.statistics": ",".join(stats), "privlm.he.axis": _AXIS[request.axis]}
-        out = await self._run("privlm.he.aggregate", attrs, self.engine.aggregate, _tenant(context),
+        out = await self._run(context, "privlm.he.aggregate", attrs, self.engine.aggregate, _tenant(context),
                               request.context_id, list(request.ciphertexts), stats, _AXIS[request.axis])
         return pb.AggregateResponse(context_id=out.context_id, count=out.count, length=out.length, results=[
             pb.AggregateResult(statistic=_STAT_PB[s], ciphertext=ct, levels_left=lv) for s, ct, lv in out.results])

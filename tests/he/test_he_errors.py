@@ -185,3 +185,51 @@ def test_describe(client, keys3, he_model):
     assert len(default) == 1 and default[0].model_id == he_model.model_id and default[0].num_features == F
     assert default[0].sigmoid_depth == 2 and d.variance_depth == 2
     assert d.limits.max_contexts_per_tenant == 6
+
+
+def test_overload_is_refused_promptly_and_expired_work_dropped(loop_thread, tmp_path, he_model, keys1):
+    """max_pending bounds queued + running work: extra requests get RESOURCE_EXHAUSTED at once, not a
+    timeout; a request whose deadline passes while queued is never computed."""
+    import asyncio
+
+    from services.he.client import AsyncHEClient
+    from services.he.config import HEServiceConfig
+    from services.he.model import save_model
+    from services.he.server import create_server
+
+    cfg = HEServiceConfig(model_files=(str(save_model(he_model, tmp_path / "m.json")),), workers=1, max_pending=2)
+    server, port = loop_thread.run(create_server(cfg))
+    loop_thread.run(server.start())
+    servicer = server.privlm_servicer
+    slow_req = score_request(keys1, make_records(200), packing="record_per_ciphertext")   # ~200 dot products
+    one = score_request(keys1, make_records(1), packing="record_per_ciphertext")
+
+    async def scenario():
+        c = AsyncHEClient(f"127.0.0.1:{port}")
+        try:
+            await c.register(keys1.public_context)
+            runs = servicer.jobs_run
+            slow = asyncio.ensure_future(c.score(slow_req, timeout=120))
+            while servicer.jobs_run == runs:                 # the slow job now holds the only worker
+                await asyncio.sleep(0.005)
+            late = asyncio.ensure_future(c.score(one, timeout=0.1))     # queued behind it: pending = 2
+            while servicer._pending < 2:
+                await asyncio.sleep(0.002)
+            burst = await asyncio.gather(*(c.score(one, timeout=60) for _ in range(3)), return_exceptions=True)
+            burst_done_before_slow = not slow.done()
+            late_result = (await asyncio.gather(late, return_exceptions=True))[0]
+            await slow
+            await asyncio.sleep(0.2)
+            return burst, burst_done_before_slow, late_result, servicer.jobs_run - runs
+        finally:
+            await c.close()
+
+    try:
+        burst, prompt, late, runs = loop_thread.run(scenario())
+    finally:
+        loop_thread.run(server.stop(0))
+        servicer.close()
+    assert all(isinstance(r, grpc.aio.AioRpcError) and r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in burst)
+    assert prompt                                          # refused while the slow job was still running
+    assert isinstance(late, grpc.aio.AioRpcError) and late.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert runs == 1                                       # only the slow job ran; the expired one never did
