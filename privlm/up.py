@@ -49,7 +49,7 @@ class Child:
         logf = open(self.log_path, "ab")
         # Own session: Ctrl-C reaches only `privlm up`, which then stops each group in order.
         self.proc = subprocess.Popen(self.argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent)
         logf.close()
 
     def alive(self) -> bool:
@@ -69,6 +69,16 @@ class Child:
         except (ProcessLookupError, PermissionError):
             pass
         self.proc.wait()
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if `privlm up` itself is killed (-9), so no service is orphaned."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except OSError:
+        pass   # not Linux: the normal stop path still applies
 
 
 def wait_serving(child: Child, timeout: float, transport) -> None:

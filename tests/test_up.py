@@ -83,4 +83,28 @@ def test_up_serves_then_stops_cleanly(tmp_path, default_model):
             assert _group_members(svc["pid"]) == [], f"{name}'s process group left processes behind"
     finally:
         if proc.poll() is None:
-            proc.kill()
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def test_services_stop_when_up_is_killed(tmp_path, default_model):
+    """Even a SIGKILLed `privlm up` leaves no service behind (parent-death signal)."""
+    state = tmp_path / "state.json"
+    proc = subprocess.Popen([sys.executable, "-m", "privlm.cli", "up", "--port", "0", "--no-he", "--attestation",
+                             "none", "--state-file", str(state), "--log-dir", str(tmp_path / "logs")], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not state.exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.5)
+    info = json.loads(state.read_text())
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 30
+    pids = [svc["pid"] for svc in info.values() if isinstance(svc, dict)]
+    while not all(_gone(p) for p in pids):
+        assert time.monotonic() < deadline, f"services outlived a killed privlm up: {pids}"
+        time.sleep(0.5)
