@@ -44,10 +44,13 @@ def config(smoke: bool):
                   num_hidden_layers=27, num_attention_heads=16, n_routed_experts=64, num_experts_per_tok=6,
                   n_shared_experts=2, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
                   v_head_dim=128)
-    return DeepseekV3Config(num_key_value_heads=kw["num_attention_heads"], q_lora_rank=None, n_group=1,
-                            topk_group=1, first_k_dense_replace=1, norm_topk_prob=False,
-                            routed_scaling_factor=1.0, max_position_embeddings=4096, num_mtp_layers=0,
-                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **kw)
+    kw.update(num_key_value_heads=kw["num_attention_heads"], q_lora_rank=None, n_group=1, topk_group=1,
+              first_k_dense_replace=1, norm_topk_prob=False, routed_scaling_factor=1.0,
+              max_position_embeddings=4096, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    try:
+        return DeepseekV3Config(num_mtp_layers=0, **kw)
+    except TypeError:              # transformers releases before multi-token prediction support
+        return DeepseekV3Config(**kw)
 
 
 def _timed(fn, dev) -> float:
