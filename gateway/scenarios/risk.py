@@ -111,13 +111,15 @@ def event_pb(ev) -> risk_pb2.RiskEvent:
             scoring_model_version=ev.model_version))
     if isinstance(ev, Explanation):
         return risk_pb2.RiskEvent(transaction_id=ev.transaction_id,
-                                  explanation=risk_pb2.AlertExplanationChunk(text=ev.text, done=ev.done))
+                                  explanation=risk_pb2.AlertExplanationChunk(text=ev.text, done=ev.done,
+                                                                             skipped_reason=ev.skipped_reason))
     if isinstance(ev, TxError):
         return risk_pb2.RiskEvent(transaction_id=ev.transaction_id, error=risk_pb2.RiskTransactionError(
             code=ev.code, reason=ev.reason, message=ev.message))
     if isinstance(ev, SessionEnd):
         return risk_pb2.RiskEvent(end=risk_pb2.RiskSessionEnd(transactions=ev.transactions, alerts=ev.alerts,
-                                                              errors=ev.errors))
+                                                              errors=ev.errors,
+                                                              explanations_skipped=ev.explanations_skipped))
     raise TypeError(f"unknown risk event {type(ev).__name__}")
 
 
@@ -172,11 +174,19 @@ class RiskServicer(risk_pb2_grpc.RiskAlertsServicer):
         parse_memo = _parser(risk_pb2.MemoContext)
 
         async def run(tx: TransactionIn) -> None:
+            released = False
+
+            def decided() -> None:
+                nonlocal released
+                if not released:
+                    released = True
+                    sem.release()
+
             try:
-                await self.engine.process(session, tx, queue.put, parse_memo)
+                await self.engine.process(session, tx, queue.put, parse_memo, decided)
             finally:
                 session.in_flight.discard(tx.transaction_id)
-                sem.release()
+                decided()
 
         try:
             async for req in request_iterator:

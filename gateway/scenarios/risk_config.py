@@ -22,7 +22,10 @@ class RiskConfig:
     default_explanation_tokens: int = 32
     max_explanation_tokens: int = 128
     max_memo_bytes: int = 2048
-    max_in_flight: int = 64                         # transactions processed at once per stream (back-pressure)
+    max_in_flight: int = 64                         # undecided transactions per stream (beyond: back-pressure)
+    # Alert explanations being written or queued, all streams together; beyond it an alert's decision
+    # still goes out at once but its explanation is skipped ("overloaded"): decisions never wait.
+    max_pending_explanations: int = 32
     he_timeout_s: float = 10.0
     generation_timeout_s: float = 60.0
     model: str = ""                                 # gateway model id that writes explanations ("" = default)
@@ -34,4 +37,5 @@ class RiskConfig:
               "risk.default_explanation_tokens must be in [1, max_explanation_tokens]")
         check(self.max_memo_bytes >= 1, "risk.max_memo_bytes must be >= 1")
         check(self.max_in_flight >= 1, "risk.max_in_flight must be >= 1")
+        check(self.max_pending_explanations >= 1, "risk.max_pending_explanations must be >= 1")
         check(self.he_timeout_s > 0 and self.generation_timeout_s > 0, "risk timeouts must be > 0")

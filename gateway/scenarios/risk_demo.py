@@ -77,6 +77,8 @@ async def run_demo(args) -> int:
                 print(f"{flag} {tx_id} p={d.probability:.3f} ({t.merchant}, {t.features[0]:.2f}k) "
                       f"decided in {ms:.0f} ms")
                 alerts += d.alert
+            elif kind == "explanation" and event.explanation.skipped_reason:
+                print(f"  -> {tx_id} explanation skipped ({event.explanation.skipped_reason})")
             elif kind == "explanation":
                 texts.setdefault(tx_id, []).append(event.explanation.text)
                 if event.explanation.done:
@@ -88,7 +90,8 @@ async def run_demo(args) -> int:
                 print(f"ERROR {tx_id}: {event.error.code} {event.error.reason}: {event.error.message}")
             elif kind == "end":
                 e = event.end
-                print(f"session end: {e.transactions} transactions, {e.alerts} alerts, {e.errors} errors",
+                print(f"session end: {e.transactions} transactions, {e.alerts} alerts, {e.errors} errors, "
+                      f"{e.explanations_skipped} explanations skipped",
                       file=sys.stderr)
         await producer
         x = np.array([t.features for t in txs])

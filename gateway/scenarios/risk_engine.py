@@ -112,6 +112,7 @@ class Explanation:
     transaction_id: str
     text: str
     done: bool
+    skipped_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,7 @@ class SessionEnd:
     transactions: int
     alerts: int
     errors: int
+    explanations_skipped: int = 0
 
 
 Emit = Callable[[object], Awaitable[None]]
@@ -146,6 +148,7 @@ class Session:
     transactions: int = 0
     alerts: int = 0
     errors: int = 0
+    explanations_skipped: int = 0
     in_flight: set = field(default_factory=set)
 
 
@@ -158,6 +161,7 @@ class RiskEngine:
         self.settings = settings
         self.tracer = tracer
         self._propagator = TraceContextTextMapPropagator()
+        self.pending_explanations = 0
 
     # ---- session ----------------------------------------------------------------------------------
     async def open_session(self, req: SessionOpen) -> Session:
@@ -223,8 +227,13 @@ class RiskEngine:
         if not tx.features:
             raise InvalidArgument(f"transaction {tx.transaction_id}: features (one CKKS ciphertext) is empty")
 
-    async def process(self, session: Session, tx: TransactionIn, emit: Emit, parse_memo_context) -> None:
-        """One transaction end to end, under its own trace (the bank's traceparent, else a new root)."""
+    async def process(self, session: Session, tx: TransactionIn, emit: Emit, parse_memo_context,
+                      decided: Callable[[], None] = lambda: None) -> None:
+        """One transaction end to end, under its own trace (the bank's traceparent, else a new root).
+
+        `decided()` is called once the decision (or the error) is out: the caller frees the stream's
+        slot then, so explanations being written never hold up the next transactions' decisions.
+        """
         parent = otel_context.Context()
         if tx.traceparent:
             parent = self._propagator.extract({"traceparent": tx.traceparent}, context=parent)
@@ -237,14 +246,14 @@ class RiskEngine:
                                                attributes={"privlm.tenant": session.tenant,
                                                            "privlm.risk.session": session.session_id[:12]}) as span:
             try:
-                await self._process(session, tx, emit, parse_memo_context)
+                await self._process(session, tx, emit, parse_memo_context, decided)
             except _TxFailed as exc:
                 session.errors += 1
                 span.set_attribute("privlm.outcome", "client_error" if exc.client else "server_error")
                 span.set_attribute("error.type", exc.reason)
                 await emit(TxError(tx.transaction_id, exc.code, exc.reason, str(exc)))
 
-    async def _process(self, session: Session, tx: TransactionIn, emit: Emit, parse_memo_context) -> None:
+    async def _process(self, session: Session, tx: TransactionIn, emit: Emit, parse_memo_context, decided) -> None:
         memo = ""
         if tx.memo is not None:
             with self.tracer.start_as_current_span("privlm.risk.memo_open"):
@@ -263,9 +272,20 @@ class RiskEngine:
         probability = value if result.activation == "sigmoid" else 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, value))))
         alert = probability >= session.threshold
         await emit(Decision(tx.transaction_id, alert, probability, session.threshold, bool(memo), result.model_version))
-        if alert:
-            session.alerts += 1
+        decided()
+        if not alert:
+            return
+        session.alerts += 1
+        if self.pending_explanations >= self.settings.max_pending_explanations:
+            session.explanations_skipped += 1
+            trace.get_current_span().set_attribute("privlm.risk.explanation", "skipped_overloaded")
+            await emit(Explanation(tx.transaction_id, "", True, "overloaded"))
+            return
+        self.pending_explanations += 1
+        try:
             await self._explain(session, tx.transaction_id, probability, memo, result.model_version, emit)
+        finally:
+            self.pending_explanations -= 1
 
     def _open_memo(self, session: Session, tx: TransactionIn, parse_memo_context) -> str:
         if len(tx.memo.ciphertext) > self.settings.max_memo_bytes + 16:
@@ -315,7 +335,7 @@ class RiskEngine:
 
     def end(self, session: Session) -> SessionEnd:
         session.keys = None                      # drop the released secret with the session
-        return SessionEnd(session.transactions, session.alerts, session.errors)
+        return SessionEnd(session.transactions, session.alerts, session.errors, session.explanations_skipped)
 
 
 class _TxFailed(Exception):

@@ -209,3 +209,41 @@ def test_one_trace_per_transaction_across_services_and_no_secrets_in_spans(risk_
     for s in spans:
         blob = repr(s.to_json())
         assert "SECRET-MEMO-7f3a" not in blob and "wired savings" not in blob
+
+
+def test_overload_skips_explanations_never_decisions(risk_env, loop_thread):
+    """With one explanation slot, a burst of alerts all get their decisions; the rest of the
+    explanations are skipped ("overloaded"), sealed, and counted at session end."""
+    stack, _, _, keys = risk_env
+    engine = stack.risk.engine
+    txs = transactions(60, seed=11)
+    x = np.array([t.features for t in txs])
+    p = 1 / (1 + np.exp(-stack.risk_model.logit(x)))
+    alerts = [t for t, pi in zip(txs, p) if pi >= THRESHOLD][:4]
+    assert len(alerts) == 4
+    saved = engine.settings
+    engine.settings = dataclasses.replace(saved, max_pending_explanations=1)
+
+    async def scenario():
+        channel, client, _ = await _session(stack, keys)
+        reqs = [client.request(t.transaction_id, await client.encrypt(t.features)) for t in alerts]
+        for r in reqs:
+            await client.write(r)
+        await client.done_writing()
+        events = await _collect(client)
+        await channel.close()
+        return events
+
+    try:
+        events = loop_thread.run(scenario())
+    finally:
+        engine.settings = saved
+    skipped = 0
+    for t in alerts:
+        evs = events[t.transaction_id]
+        assert evs[0].decision.alert
+        last = evs[-1].explanation
+        assert last.done
+        skipped += last.skipped_reason == "overloaded"
+    assert skipped >= 1 and skipped == events[""][-1].end.explanations_skipped
+    assert engine.pending_explanations == 0
