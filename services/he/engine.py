@@ -171,8 +171,7 @@ class HEEngine:
                 a_list = a.tolist()
                 outs = [v.dot(a_list) + c for v in vecs]
             if activation == "sigmoid":
-                coeffs = list(model.sigmoid_coefficients)
-                outs = [o.polyval(coeffs) for o in outs]
+                outs = [odd_polyval(o, model.sigmoid_coefficients) for o in outs]
             scores = [o.serialize() for o in outs]
         return ScoreOutcome(job.context_id, model, job.packing, n, scores, activation, ciphertext_levels(outs[0]))
 
@@ -224,8 +223,10 @@ class HEEngine:
         def reduce(vs: list[ts.CKKSVector]) -> ts.CKKSVector:
             if axis == "slots":
                 vs = [v.sum() for v in vs]
-            total = vs[0].copy()
-            for v in vs[1:]:
+            if len(vs) == 1:
+                return vs[0]
+            total = vs[0] + vs[1]          # a new vector (copy() needs an encryptor: not in public contexts)
+            for v in vs[2:]:
                 total.add_(v)
             return total
 
@@ -305,6 +306,31 @@ def _linear_feature_major(vecs: list[ts.CKKSVector], a, c: float) -> ts.CKKSVect
         else:
             acc.add_(term)
     return acc + c
+
+
+def odd_polyval(z: ts.CKKSVector, coeffs) -> ts.CKKSVector:
+    """c0 + c1 z + c3 z^3 (+ c5 z^5 + c7 z^7): the model's odd sigmoid polynomial, at depth
+    ceil(log2(degree + 1)) like TenSEAL's polyval, but without encrypting constants (TenSEAL's
+    polyval does, so it fails on contexts without a public key). Zero coefficients are skipped."""
+    c = list(coeffs) + [0.0] * (8 - len(coeffs))
+    if any(c[k] for k in (2, 4, 6)):
+        raise ValueError("odd_polyval takes odd polynomials (plus a constant) only")
+    degree = max(k for k in range(8) if c[k] or k == 1)
+    z2 = z.square() if degree >= 3 else None                      # level +1
+    z4 = z2.square() if degree >= 5 else None                     # level +2
+    terms = []
+    if c[1]:
+        terms.append(z * c[1])                                    # level +1
+    if c[3]:
+        terms.append((z * c[3]) * z2)                             # level +2
+    if c[5]:
+        terms.append((z * c[5]) * z4)                             # level +3
+    if c[7]:
+        terms.append(((z * c[7]) * z2) * z4)                      # level +3
+    out = terms[0]
+    for t in terms[1:]:
+        out = out + t
+    return out + c[0] if c[0] else out
 
 
 class _he_errors:

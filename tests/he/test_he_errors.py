@@ -143,19 +143,32 @@ def test_oversized_payload(loop_thread, tmp_path, he_model, keys1):
         server.privlm_servicer.close()
 
 
-def test_context_limits_per_tenant(target):
-    with HEClient(target, tenant="limited") as c:
-        keys = [BankKeys.generate(depth=1) for _ in range(7)]
-        for k in keys[:6]:
-            c.register(k)
-        assert c.stub.RegisterContext(pb.RegisterContextRequest(public_context=keys[0].public_context),
-                                      metadata=c.metadata).already_registered
-        code, details = _code(lambda: c.register(keys[6]))
-        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit 6" in details
-        c.delete(keys[0])                            # key rotation frees a slot
-        c.register(keys[6])
-        code, _ = _code(lambda: c.delete(keys[0]))
-        assert code == grpc.StatusCode.NOT_FOUND
+def test_context_limits_per_tenant(loop_thread, tmp_path, he_model):
+    from services.he.config import HEServiceConfig
+    from services.he.model import save_model
+    from services.he.server import create_server
+
+    cfg = HEServiceConfig(model_files=(str(save_model(he_model, tmp_path / "m.json")),), max_contexts_per_tenant=3)
+    server, port = loop_thread.run(create_server(cfg))
+    loop_thread.run(server.start())
+    try:
+        with HEClient(f"127.0.0.1:{port}", tenant="limited") as c:
+            keys = [BankKeys.generate(depth=1) for _ in range(4)]
+            for k in keys[:3]:
+                c.register(k)
+            assert c.stub.RegisterContext(pb.RegisterContextRequest(public_context=keys[0].public_context),
+                                          metadata=c.metadata).already_registered
+            code, details = _code(lambda: c.register(keys[3]))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit 3" in details
+            with HEClient(f"127.0.0.1:{port}", tenant="another") as other:   # the bound is per tenant
+                other.register(keys[3])
+            c.delete(keys[0])                            # key rotation frees a slot
+            c.register(keys[3])
+            code, _ = _code(lambda: c.delete(keys[0]))
+            assert code == grpc.StatusCode.NOT_FOUND
+    finally:
+        loop_thread.run(server.stop(0))
+        server.privlm_servicer.close()
 
 
 def test_bad_contexts(client):
@@ -184,7 +197,7 @@ def test_describe(client, keys3, he_model):
     default = [m for m in d.models if m.is_default]
     assert len(default) == 1 and default[0].model_id == he_model.model_id and default[0].num_features == F
     assert default[0].sigmoid_depth == 2 and d.variance_depth == 2
-    assert d.limits.max_contexts_per_tenant == 6
+    assert d.limits.max_contexts_per_tenant == 32
 
 
 def test_overload_is_refused_promptly_and_expired_work_dropped(loop_thread, tmp_path, he_model, keys1):

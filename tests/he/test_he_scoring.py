@@ -149,3 +149,37 @@ def test_aggregate_large_sum_depth1(client, keys1_plain):
     small = v / 1e4                                    # the same data in units of 10k
     out = client.aggregate(keys1_plain, small, ["mean"])
     np.testing.assert_allclose(out["mean"], small.mean(0), rtol=1e-6, atol=1e-4)
+
+
+@pytest.mark.parametrize("degree,depth,tol", [(3, 2, 1e-5), (5, 3, 1e-4), (7, 3, 2e-3)])
+def test_odd_polyval_depth_and_accuracy(degree, depth, tol):
+    """The sigmoid polynomial uses exactly ceil(log2(degree+1)) levels and matches numpy."""
+    import tenseal as ts
+
+    from services.he.engine import odd_polyval
+    from services.he.keys import BankKeys
+    from services.he.model import fit_sigmoid
+    from services.he.params import ciphertext_levels
+
+    keys = BankKeys.generate(depth=depth)
+    pub = ts.context_from(keys.public_context)
+    z = np.concatenate([np.linspace(-8, 8, 41), [0.0]])
+    coeffs = fit_sigmoid(degree, 8.0)
+    out = odd_polyval(ts.ckks_vector_from(pub, keys.encrypt_vector(z)), coeffs)
+    assert ciphertext_levels(out) == 0                  # all levels used, none more needed
+    got = keys.decrypt_vector(keys.context_id, out.serialize())[:z.size]
+    np.testing.assert_allclose(got, np.polynomial.polynomial.polyval(z, coeffs), atol=tol)
+
+
+def test_symmetric_keys_with_sigmoid(client, he_model):
+    """Secret-key encryption: the public context has no public key, and every path still works."""
+    from services.he.keys import BankKeys
+
+    keys = BankKeys.generate(depth=3, symmetric=True)
+    client.register(keys)
+    x = make_records(40, seed=17)
+    x = x[np.abs(he_model.logit(x)) < he_model.sigmoid_range]
+    out = client.score(keys, x, activation="sigmoid")
+    np.testing.assert_allclose(out.values, he_model.sigmoid_poly(he_model.logit(x)), atol=TOLERANCE["sigmoid_depth3"])
+    agg = client.aggregate(keys, x[:, 1:4].T, ["sum", "mean", "variance"])
+    np.testing.assert_allclose(agg["variance"], x[:, 1:4].T.var(0), rtol=1e-4, atol=1e-3)

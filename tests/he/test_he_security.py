@@ -58,8 +58,9 @@ def test_server_holds_no_secret_and_cannot_decrypt(client, engine, keys1, he_mod
     np.testing.assert_allclose(read_scores(keys1, resp).values, he_model.logit(x), atol=1e-3)
 
 
-def test_secret_key_never_leaves_the_client(target, he_model):
-    keys = BankKeys.generate(depth=1, rotations_for=8)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_secret_key_never_leaves_the_client(target, he_model, symmetric):
+    keys = BankKeys.generate(depth=1, rotations_for=8, symmetric=symmetric)
     recorder = _Recorder()
     with HEClient(target) as c:
         c.channel = grpc.intercept_channel(c.channel, recorder)
@@ -67,8 +68,9 @@ def test_secret_key_never_leaves_the_client(target, he_model):
 
         c.stub = he_pb2_grpc.HomomorphicPreprocessorStub(c.channel)
         c.register(keys)
-        c.score(keys, make_records(3))
-        c.score(keys, make_records(50))
+        x = make_records(50)
+        np.testing.assert_allclose(c.score(keys, x[:3]).values, he_model.logit(x[:3]), atol=1e-3)
+        np.testing.assert_allclose(c.score(keys, x).values, he_model.logit(x), atol=1e-3)
         c.aggregate(keys, np.ones((2, 5)), ["sum", "mean"])
     secret = keys.holds_secret()
     assert len(recorder.sent) >= 4
