@@ -27,6 +27,8 @@ class EngineConfig:
     threads: int | None = None              # torch threads per rank; None: cores / tp
     prefill_chunk: int | None = None        # max prefill tokens of one sequence per step; None: the budget
     rank_timeout_s: float = 60.0            # collective / rendezvous timeout between ranks
+    load_format: str = "safetensors"        # "dummy": random weights of the right shapes (benchmarks)
+    cuda_graphs: bool = True                # CUDA only: replay captured graphs for pure-decode steps
 
     def __post_init__(self):
         check(self.tp >= 1, f"tp must be >= 1, got {self.tp}")
@@ -38,6 +40,7 @@ class EngineConfig:
         check(self.block_size >= 1, "block_size must be >= 1")
         check(self.max_queue >= 1, "max_queue must be >= 1")
         check(self.prefill_chunk is None or self.prefill_chunk >= 1, "prefill_chunk must be >= 1")
+        check(self.load_format in ("safetensors", "dummy"), "load_format must be 'safetensors' or 'dummy'")
 
 
 @dataclass(frozen=True)

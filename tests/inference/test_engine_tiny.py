@@ -124,3 +124,17 @@ def test_tp2_greedy_sharded_loading_and_rank_death(ckpts, refs):
             eng.submit(GenerationRequest("after", (1, 2), SamplingParams(max_new_tokens=2)), lambda e: None)
     finally:
         eng.shutdown()
+
+
+def test_padded_static_decode_path(ckpts, refs):
+    """The CUDA-graph decode path (padded batch, bucketed context, scratch slot), run eagerly on CPU."""
+    from services.inference.engine.cuda_graphs import DecodeGraphs
+
+    eng = create_engine(_cfg(ckpts["llama"]))
+    try:
+        eng.runner.graphs = DecodeGraphs(eng.runner, capture=False)
+        out = generate(eng, PROMPTS[:3], N)       # batch 3 -> padded to 4
+        assert (4, 256) in eng.runner.graphs.shapes
+    finally:
+        eng.shutdown()
+    assert out == refs["llama"][:3]

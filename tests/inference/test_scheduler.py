@@ -119,3 +119,16 @@ def test_max_num_seqs_caps_running():
         s.add(seq(i, 3))
     plan, _ = run_step(s)
     assert len(plan.chunks) == 2 and len(s.waiting) == 2
+
+
+def test_new_arrival_defers_long_prefill_once():
+    s = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=32, prefill_chunk=8)
+    s.add(seq(0, 100))
+    run_step(s)                            # long prompt: first chunk
+    s.add(seq(1, 5))                       # short request arrives mid-prefill
+    plan, out = run_step(s)
+    assert [c.seq_id for c in plan.chunks] == [1]       # short prefill alone: its TTFT ~ idle
+    assert out[0][0].seq_id == 1
+    s.add(seq(2, 5))                       # another arrival: the long prompt is not deferred twice
+    plan, _ = run_step(s)
+    assert sorted(c.seq_id for c in plan.chunks) == [0, 1, 2]

@@ -39,7 +39,12 @@ class ModelRunner:
         cls = model_class(self.architecture)
         with torch.no_grad():
             self.model = cls(self.hf_config, comm, self.dtype, self.device, self.max_model_len).eval()
-            self.weight_bytes_read = load_weights(self.model, config.model)
+            if config.load_format == "dummy":
+                self.weight_bytes_read = 0
+                for prm in self.model.parameters():
+                    prm.uniform_(-0.02, 0.02)
+            else:
+                self.weight_bytes_read = load_weights(self.model, config.model)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.parameters_local = sum(p.numel() for p in self.model.parameters())
         # KV cache: [layers, slots, *per-slot shape]; all ranks must agree on the block count.
@@ -48,8 +53,16 @@ class ModelRunner:
         block_bytes = layers * bs * math.prod(slot_shape) * self.dtype.itemsize
         blocks = config.num_kv_blocks or max(1, config.kv_cache_bytes // block_bytes)
         self.num_blocks = min(comm.all_gather_int(blocks))
-        self.kv_cache = torch.zeros((layers, self.num_blocks * bs, *slot_shape), dtype=self.dtype,
+        # One extra slot at the end: a scratch target for padded rows of CUDA-graph batches. Zeros,
+        # so masked-out context read from unused slots is always finite.
+        self.scratch_slot = self.num_blocks * bs
+        self.kv_cache = torch.zeros((layers, self.num_blocks * bs + 1, *slot_shape), dtype=self.dtype,
                                     device=self.device)
+        self.graphs = None
+        if self.device.type == "cuda" and config.cuda_graphs:
+            from services.inference.engine.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self)
 
     # -- driver / follower entry points -----------------------------------------------------
     def step(self, plan: StepPlan) -> torch.Tensor | None:
@@ -71,6 +84,8 @@ class ModelRunner:
     # -- one forward -----------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor | None:
+        if self.graphs is not None and self.graphs.can_run(plan):
+            return self.graphs.run(plan)
         ids, pos, meta, sample_rows = self._prepare(plan)
         hidden = self.model(ids, pos, meta, self.kv_cache)              # [N, hidden]
         if not sample_rows:

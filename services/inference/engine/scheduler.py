@@ -105,18 +105,15 @@ class Scheduler:
         scheduled: set[int] = set()
         decode: list[Chunk] = []
         prefill: list[Chunk] = []
-        # 1. running sequences: decodes first, then continuing prefills (both in admission order)
-        for want_decode in (True, False):
-            for seq in list(self.running):
-                if seq.status != SeqStatus.RUNNING or seq.is_decoding != want_decode or budget <= 0:
-                    continue
-                n = min(seq.remaining, budget, self.prefill_chunk)
-                if not self._reserve(seq, n, scheduled):
-                    continue                       # no room this step (seq may be preempted)
-                scheduled.add(seq.seq_id)
-                budget -= n
-                (decode if want_decode else prefill).append(self._chunk(seq, n))
+        # 1. decoding sequences, one token each, in admission order
+        for seq in list(self.running):
+            if seq.status == SeqStatus.RUNNING and seq.is_decoding and budget > 0:
+                if self._reserve(seq, 1, scheduled):
+                    scheduled.add(seq.seq_id)
+                    budget -= 1
+                    decode.append(self._chunk(seq, 1))
         # 2. admit waiting requests in FIFO order; stop at the first that does not fit
+        admitted = False
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             n = min(seq.remaining, budget, self.prefill_chunk)
@@ -126,6 +123,24 @@ class Scheduler:
             self.bm.allocate(seq, seq.num_computed + n)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
+            scheduled.add(seq.seq_id)
+            budget -= n
+            prefill.append(self._chunk(seq, n))
+            admitted = True
+        # 3. continuing prefills. A step that admits new requests defers them once, so a newly
+        #    arrived short request is not slowed down by a long prompt's chunk (its TTFT stays close
+        #    to idle); the next step resumes them, so they are never starved.
+        for seq in list(self.running):
+            if seq.status != SeqStatus.RUNNING or seq.seq_id in scheduled or seq.is_decoding or budget <= 0:
+                continue
+            if admitted and not seq.deferred:
+                seq.deferred = True
+                continue
+            n = min(seq.remaining, budget, self.prefill_chunk)
+            if not self._reserve(seq, n, scheduled):
+                continue                       # no room this step (seq may be preempted)
+            seq.deferred = False
+            scheduled.add(seq.seq_id)
             budget -= n
             prefill.append(self._chunk(seq, n))
         return StepPlan(chunks=tuple(decode + prefill), num_decode=len(decode))

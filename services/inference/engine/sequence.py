@@ -32,6 +32,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    deferred: bool = False                # prefill chunk skipped last step for a new arrival
 
     @property
     def num_output(self) -> int:
