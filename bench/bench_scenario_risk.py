@@ -176,7 +176,11 @@ def main(argv: list[str] | None = None) -> int:
 
     good, steps = asyncio.run(search())
     total_s = time.perf_counter() - t_begin
-    common = dict(dtype=args.dtype, step_s=args.step_s, explanation_tokens=args.explanation_tokens,
+    # Context: the highest tested rate whose decisions alone held the bar (explanations may have been
+    # skipped there), so the explanation-bound and the decision-bound limits are both visible.
+    decision_only = max((st["rate"] for st in steps if st["p99_ms"] < BAR_MS and st["drained"]
+                         and st["errors"] == 0), default=0.0)
+    common = dict(dtype=args.dtype, step_s=args.step_s, decisions_only_max_tested_rate=decision_only, explanation_tokens=args.explanation_tokens,
                   threshold=args.threshold, steps=steps, bench_s=round(total_s, 1))
     if good is None:
         report("scenario.risk.max_rate_p99_under_800ms", "tx/s", 0.0, None, None, "higher",

@@ -64,19 +64,18 @@ async def _run(args) -> int:
     stack = None
     metadata = ()
     if args.target:
-        target = args.target
-        from privlm.client_cli import auth_metadata
+        from gateway.scenarios.connect import open_target
 
-        metadata = auth_metadata(args.token)
+        channel, metadata = open_target(args)
     else:
         from gateway.scenarios.stack import ScenarioStack
         from privlm.model_prep import prepare
 
         print("starting a worker group and a gateway in this process (127.0.0.1, port 0)...", file=sys.stderr)
         stack = await ScenarioStack.start(prepare(log=lambda *a: None), dtype=args.dtype)
-        target = stack.target
+        channel = grpc.aio.insecure_channel(stack.target)
     try:
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with channel:
             print(f"== {report.company}: FY{report.years[0]}-FY{report.years[-1]} report, "
                   f"{len(report.text):,} characters ==", file=sys.stderr)
             if args.show_report:
@@ -96,8 +95,9 @@ async def _run(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="privlm demo report",
                                  description="Analyse a ~5k-token synthetic financial report through the gateway.")
-    ap.add_argument("--target", default="", help="gateway host:port; default: start one in this process")
-    ap.add_argument("--token", default=None, help="bearer token for --target (default: $PRIVLM_TOKEN or the dev token)")
+    from gateway.scenarios.connect import add_target_args
+
+    add_target_args(ap)
     ap.add_argument("--model", default="")
     ap.add_argument("--seed", type=int, default=0, help="report generator seed (same seed, same report)")
     ap.add_argument("--max-new-tokens", type=int, default=200)

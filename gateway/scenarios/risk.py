@@ -261,12 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     from gateway.scenarios.risk_demo import run_demo
 
     ap = argparse.ArgumentParser(prog="privlm demo risk", description=main.__doc__)
-    ap.add_argument("--target", default="", help="gateway host:port with RiskAlerts mounted; default: start "
-                                                 "worker, gateway, HE service and enclave runtime in-process")
+    from gateway.scenarios.connect import add_target_args
+
+    add_target_args(ap)     # without --target: worker, gateway, HE service, enclave runtime in-process
     ap.add_argument("--policy", default="", help="attestation policy file to pin (required with --target)")
-    ap.add_argument("--token", default=None, help="bearer token for --target")
-    ap.add_argument("--plaintext-dev", action="store_true", help="plaintext channel to --target (development)")
-    ap.add_argument("--tls-dir", default=None, help="mTLS certificates for --target (`privlm certs`)")
     ap.add_argument("--transactions", type=int, default=20)
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--threshold", type=float, default=0.8)

@@ -21,13 +21,10 @@ async def run_demo(args) -> int:
                   file=sys.stderr)
             return 2
         from enclave.attestation.policy import load as load_policy
-        from privlm.client_cli import auth_metadata
-        from privlm.transport import TransportConfig
+        from gateway.scenarios.connect import open_target
 
         policy = load_policy(args.policy)
-        metadata = auth_metadata(args.token)
-        transport = TransportConfig(tls_dir=args.tls_dir, plaintext_dev=args.plaintext_dev or not args.tls_dir)
-        channel = transport.aio_channel(args.target, "client")
+        channel, metadata = open_target(args)
         target = args.target
     else:
         from gateway.scenarios.stack import ScenarioStack
