@@ -137,8 +137,10 @@ async def create_server(config: GatewayConfig, server_interceptors=(), client_in
     return server, port, service, health
 
 
-async def serve(config: GatewayConfig, ready_file: Path | None = None) -> None:
-    server, port, service, health = await create_server(config)
+async def serve(config: GatewayConfig, ready_file: Path | None = None, telemetry=None) -> None:
+    from privlm.telemetry import client_interceptors, server_interceptors
+
+    server, port, service, health = await create_server(config, server_interceptors(), client_interceptors())
     await server.start()
     log.info("gateway serving on %s:%d, models %s", config.host, port, list(service.models))
     if ready_file:
@@ -152,6 +154,8 @@ async def serve(config: GatewayConfig, ready_file: Path | None = None) -> None:
     await health.enter_graceful_shutdown()
     await server.stop(config.grace_seconds)
     await service.close()
+    if telemetry is not None:
+        telemetry.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="DEVELOPMENT ONLY: permit --attestation simulated (no TEE hardware; said everywhere)")
     ap.add_argument("--enclave-dir", type=Path, default=None, help="keys and audit log (default .cache/enclave)")
     ap.add_argument("--he-target", default=None, help="HE service host:port: mounts privlm.v1.RiskAlerts")
+    from privlm.telemetry.config import add_arguments as add_telemetry_args
+
+    add_telemetry_args(ap)
     auth = ap.add_mutually_exclusive_group(required=True)
     auth.add_argument("--tenants", type=Path, help="JSON list of tenants (tenant, token_sha256, limits)")
     auth.add_argument("--allow-anonymous", action="store_true",
@@ -196,5 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = GatewayConfig(models=(ModelRoute(model, args.worker, args.model_id),), transport=transport_from_args(args),
                         host=args.host, port=args.port,
                         tenants=tenants, allow_anonymous=args.allow_anonymous, enclave=enclave, risk=risk)
-    asyncio.run(serve(cfg, args.ready_file))
+    from privlm.telemetry.config import from_args
+    from privlm.telemetry.setup import init_service
+
+    telemetry = init_service(from_args(args, "privlm-gateway"))
+    asyncio.run(serve(cfg, args.ready_file, telemetry))
     return 0

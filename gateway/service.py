@@ -16,9 +16,17 @@ from gateway.text import IncrementalDetokenizer, StopMatcher
 from gateway.tokenizer import ModelTokenizer
 from gateway.worker_client import WorkerClient
 from privlm.errors import InvalidArgument, NotFound
+from privlm.telemetry import instruments
+from privlm.telemetry.spans import GenerationSpan
 
 ROLES = ("system", "user", "assistant")
 MAX_REQUEST_ID = 128
+
+
+def _tracer():
+    from opentelemetry import trace
+
+    return trace.get_tracer("privlm.gateway")
 
 
 @dataclass(frozen=True)
@@ -157,22 +165,31 @@ class GatewayService:
         request_id = f"{inp.tenant or 'anon'}/{request_id}"
         stream = handle.worker.generate(request_id, ids, max_new, temperature, top_p, top_k, inp.seed,
                                         inp.tenant, timeout)
+        # The business span is current while the worker is called, so the worker's RPC is its child.
+        span = GenerationSpan(_tracer(), model=handle.model_id, request_id=inp.request_id,
+                              operation="chat" if inp.messages is not None else "text_completion",
+                              instruments=instruments.get(), max_tokens=max_new, temperature=temperature,
+                              top_p=top_p, top_k=top_k)
         try:
-            async for wc in stream:
-                completion += len(wc.token_ids)
-                text = detok.push(wc.token_ids)
-                if wc.finish:
-                    text += detok.flush()
-                emit, stopped = stops.push(text)
-                if stopped:
-                    yield Chunk(emit, list(wc.token_ids), "stop", len(ids), completion)
-                    return
-                if wc.finish:
-                    emit += stops.flush()
-                    yield Chunk(emit, list(wc.token_ids), wc.finish, wc.prompt_tokens or len(ids), completion)
-                    return
-                if emit or wc.token_ids:
-                    yield Chunk(emit, list(wc.token_ids))
+            with span:
+                async for wc in stream:
+                    completion += len(wc.token_ids)
+                    span.tokens(len(wc.token_ids))
+                    text = detok.push(wc.token_ids)
+                    if wc.finish:
+                        text += detok.flush()
+                    emit, stopped = stops.push(text)
+                    if stopped:
+                        span.finish("stop", prompt_tokens=len(ids), completion_tokens=completion)
+                        yield Chunk(emit, list(wc.token_ids), "stop", len(ids), completion)
+                        return
+                    if wc.finish:
+                        emit += stops.flush()
+                        span.finish(wc.finish, prompt_tokens=wc.prompt_tokens or len(ids), completion_tokens=completion)
+                        yield Chunk(emit, list(wc.token_ids), wc.finish, wc.prompt_tokens or len(ids), completion)
+                        return
+                    if emit or wc.token_ids:
+                        yield Chunk(emit, list(wc.token_ids))
         finally:
             await stream.aclose()
             if inp.tenant:

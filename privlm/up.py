@@ -109,11 +109,26 @@ def tail(path: Path | None, n: int = 15) -> str:
 
 
 def build_children(args, model: str, transport) -> list[Child]:
+    """Receiver (unless --otlp-endpoint), worker group, HE service, gateway: in start order."""
     py = [sys.executable, "-m", "privlm.cli"]
     tls = ["--tls-dir", transport.tls_dir] if transport.tls_dir else ["--plaintext-dev"]
+    children = []
+    otlp = args.otlp_endpoint
+    if not otlp:
+        from privlm.telemetry.receiver import default_store_path, receiver_argv
+
+        rport = free_port()
+        children.append(Child("otlp-receiver", receiver_argv(default_store_path(), rport), rport, plaintext=True))
+        otlp = f"127.0.0.1:{rport}"
+
+    def telemetry(child_name: str) -> list[str]:
+        mport = free_port()
+        args.metrics_ports[child_name] = mport
+        return ["--otlp-endpoint", otlp, "--metrics-port", str(mport)]
+
     wport = free_port()
     worker = Child("worker", py + ["worker", "--model", model, "--tp", str(args.tp), "--backend", args.backend,
-                                   "--dtype", args.dtype, "--port", str(wport), *tls], wport)
+                                   "--dtype", args.dtype, "--port", str(wport), *tls, *telemetry("worker")], wport)
     gport = args.port if args.port else free_port()
     auth = ["--tenants", str(args.tenants)] if args.tenants else ["--allow-anonymous"]
     attest = ["--attestation", args.attestation]
@@ -121,13 +136,12 @@ def build_children(args, model: str, transport) -> list[Child]:
         log.warning("SIMULATED attestation: this machine has no TEE; any production policy rejects its evidence")
         attest.append("--allow-simulated")
     gateway = Child("gateway", py + ["gateway", "--model", model, "--worker", f"127.0.0.1:{wport}",
-                                     "--port", str(gport), *auth, *tls, *attest], gport)
-    children = [worker, gateway]
+                                     "--port", str(gport), *auth, *tls, *attest, *telemetry("gateway")], gport)
+    children.append(worker)
     if not args.no_he:
         hport = free_port()
-        # The HE service does not take --tls-dir yet: it runs plaintext on loopback, said loudly.
-        log.warning("he: PLAINTEXT gRPC (mTLS not wired into the HE service yet)")
-        children.append(Child("he", py + ["he", "--port", str(hport)], hport, plaintext=True))
+        children.append(Child("he", py + ["he", "--port", str(hport), *tls, "--otlp-endpoint", otlp], hport))
+    children.append(gateway)
     return children
 
 
@@ -208,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
                     choices=["none", "simulated", "sev-snp", "tdx", "sgx-gramine"],
                     help="TEE backend for sealed generation and the audit log (default: simulated, which "
                          "says so everywhere and is rejected by production policies)")
+    ap.add_argument("--otlp-endpoint", default=None,
+                    help="send traces to this OTLP/gRPC collector (Jaeger: host:4317); default: an embedded "
+                         "receiver storing spans in .cache/traces/spans.jsonl (read them with `privlm trace-report`)")
     ap.add_argument("--state-file", type=Path, default=None, help="write service ports and pids here (JSON)")
     ap.add_argument("--log-dir", type=Path, default=None, help="service logs (default: a temp folder)")
     ap.add_argument("--startup-timeout", type=float, default=300.0)
@@ -235,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.tenants and not args.allow_anonymous:
         args.tenants = dev_tenants(log_dir)
     transport = setup_transport(args)
+    args.metrics_ports = {}
     children = build_children(args, model, transport)
     code = 0
     try:
@@ -251,10 +269,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nprivlm is up: gateway 127.0.0.1:{gateway.port} "
                   f"({'mTLS, certificates in ' + transport.tls_dir if transport.tls_dir else 'PLAINTEXT (dev)'}) "
                   f"({', '.join(f'{c.name} :{c.port}' for c in children)}); logs in {log_dir}", flush=True)
+            print("metrics (Prometheus): " + ", ".join(f"{n} http://127.0.0.1:{p}/metrics"
+                                                      for n, p in args.metrics_ports.items()), flush=True)
             if args.state_file:
                 args.state_file.write_text(json.dumps(
                     {c.name: {"port": c.port, "pid": c.proc.pid} for c in children}
-                    | {"log_dir": str(log_dir), "tls_dir": transport.tls_dir}))
+                    | {"log_dir": str(log_dir), "tls_dir": transport.tls_dir, "metrics": args.metrics_ports}))
             if args.demo:
                 run_demo(gateway.port, args.question, transport)
             if not args.exit_after_demo:

@@ -21,6 +21,10 @@ from privlm.transport import add_transport_args, transport_from_args
 from privlm.grpcserver import NOT_SERVING, SERVING, add_health_and_reflection, bind, new_server
 from privlm.internal.v1 import worker_pb2, worker_pb2_grpc
 from services.inference.config import EngineConfig, WorkerServerConfig
+from opentelemetry import context as otel_context
+
+from privlm.telemetry import instruments
+from privlm.telemetry.spans import RequestTimeline
 from services.inference.types import Engine, FinishReason, GenerationRequest, SamplingParams, TokenEvent
 
 log = logging.getLogger("privlm.worker")
@@ -31,6 +35,12 @@ _FINISH = {
     FinishReason.END_OF_SEQUENCE: worker_pb2.WORKER_FINISH_REASON_END_OF_SEQUENCE,
     FinishReason.CANCELLED: worker_pb2.WORKER_FINISH_REASON_CANCELLED,
 }
+
+
+def _tracer():
+    from opentelemetry import trace
+
+    return trace.get_tracer("privlm.worker")
 
 
 def _to_domain(request: worker_pb2.WorkerGenerateRequest, vocab_size: int) -> GenerationRequest:
@@ -61,7 +71,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         req = _to_domain(request, self.engine.info.vocab_size)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        self.engine.submit(req, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+        parent = otel_context.get_current()        # the RPC span: queue/prefill/decode go under it
+        timeline = RequestTimeline(prompt_tokens=len(req.prompt_token_ids))
+
+        def on_event(ev: TokenEvent) -> None:      # engine thread: stamp integers, hand over, return
+            if ev.token_ids:    # (no admission stamp from the engine yet: queue span runs to first token)
+                timeline.token(len(ev.token_ids))
+            if ev.finish_reason is not None:
+                timeline.finished(ev.finish_reason.value)
+            loop.call_soon_threadsafe(queue.put_nowait, ev)
+
+        self.engine.submit(req, on_event)
         finished = False
         try:
             while not finished:
@@ -82,6 +102,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         finally:
             if not finished:
                 self.engine.cancel(req.request_id)
+                timeline.finished("cancelled")
+            timeline.emit_spans(_tracer(), parent, model=self.engine.info.model_id, instruments=instruments.get())
 
     async def Describe(self, request, context):
         i = self.engine.info
@@ -141,11 +163,18 @@ async def _watch_health(engine: Engine, health, period: float = 0.5) -> None:
         await asyncio.sleep(period)
 
 
-async def serve(config: WorkerServerConfig, ready_file: Path | None = None, telemetry_hook=None) -> None:
+def _kv_use(engine: Engine) -> tuple[int, int]:
+    s = engine.stats()
+    return s.kv_blocks_total - s.kv_blocks_free, s.kv_blocks_total
+
+
+async def serve(config: WorkerServerConfig, ready_file: Path | None = None, telemetry=None) -> None:
     """Run until SIGTERM/SIGINT; then NOT_SERVING, drain for grace_seconds, stop the engine."""
+    from privlm.telemetry import server_interceptors
+
     engine = await asyncio.to_thread(build_engine, config.engine)
-    interceptors = telemetry_hook() if telemetry_hook else ()
-    server, port, health = await create_server(config, engine, interceptors)
+    instruments.get().observe_kv_cache(lambda: _kv_use(engine))
+    server, port, health = await create_server(config, engine, server_interceptors())
     await server.start()
     watcher = asyncio.create_task(_watch_health(engine, health))
     log.info("worker serving %s on %s:%d (tp=%d, backend=%s)", engine.info.model_id, config.host, port,
@@ -162,6 +191,8 @@ async def serve(config: WorkerServerConfig, ready_file: Path | None = None, tele
     await health.enter_graceful_shutdown()
     await server.stop(config.grace_seconds)
     await asyncio.to_thread(engine.shutdown)
+    if telemetry is not None:
+        telemetry.shutdown()
 
 
 def add_engine_args(ap: argparse.ArgumentParser) -> None:
@@ -191,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--ready-file", type=Path, default=None, help="write {'port': N} here once serving")
     add_transport_args(ap)
+    from privlm.telemetry.config import add_arguments as add_telemetry_args
+
+    add_telemetry_args(ap)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     import os
@@ -203,5 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         run_follower(engine_cfg)
         return 0
     cfg = WorkerServerConfig(engine=engine_cfg, transport=transport_from_args(args), host=args.host, port=args.port)
-    asyncio.run(serve(cfg, args.ready_file))
+    from privlm.telemetry.config import from_args
+    from privlm.telemetry.setup import init_service
+
+    telemetry = init_service(from_args(args, "privlm-worker"))
+    asyncio.run(serve(cfg, args.ready_file, telemetry))
     return 0
