@@ -162,7 +162,7 @@ class HEEngine:
         vecs = [_load_vector(entry.ctx, blob, i, size, job.context_id, entry.info)
                 for i, (blob, size) in enumerate(zip(job.ciphertexts, sizes))]
         levels = min(ciphertext_levels(v) for v in vecs)
-        activation = self._choose_activation(job.activation, levels, model)
+        activation = self._choose_activation(job.activation, levels, model, entry.info.has_relin_keys)
         a, c = model.affine()
         with _he_errors():
             if job.packing == FEATURE_MAJOR:
@@ -176,8 +176,10 @@ class HEEngine:
         return ScoreOutcome(job.context_id, model, job.packing, n, scores, activation, ciphertext_levels(outs[0]))
 
     @staticmethod
-    def _choose_activation(requested: str, levels: int, model: ScoringModel) -> str:
+    def _choose_activation(requested: str, levels: int, model: ScoringModel, has_relin_keys: bool) -> str:
         need_sigmoid = LINEAR_DEPTH + model.sigmoid_depth
+        if requested == "sigmoid" and not has_relin_keys:
+            raise FailedPrecondition("the sigmoid multiplies ciphertexts and needs relinearisation keys in the context")
         if levels < LINEAR_DEPTH:
             raise FailedPrecondition(f"the ciphertexts have {levels} multiplicative levels left and the linear score "
                                      f"needs {LINEAR_DEPTH}: depth exhausted, encrypt fresh ciphertexts")
@@ -186,7 +188,7 @@ class HEEngine:
                                      f"({LINEAR_DEPTH} linear + {model.sigmoid_depth} for the degree-"
                                      f"{model.sigmoid_degree} polynomial), the ciphertexts have {levels}: use a "
                                      f"depth-{need_sigmoid} preset or ACTIVATION_NONE (threshold the logit)")
-        if requested == "none" or (requested == "auto" and levels < need_sigmoid):
+        if requested == "none" or (requested == "auto" and (levels < need_sigmoid or not has_relin_keys)):
             return "none"
         return "sigmoid"
 
@@ -272,8 +274,14 @@ def _load_public_context(blob: bytes) -> ts.Context:
         raise InvalidArgument(f"public_context could not be loaded: {exc}") from exc
     if ctx.is_private() or ctx.has_secret_key():
         raise InvalidArgument("refused: public_context contains a secret key")
-    if not ctx.global_scale or ctx.global_scale <= 0:
-        raise InvalidArgument("public_context has no global scale: not a CKKS context from the client library")
+    if ctx.seal_context().data.key_context_data().parms().scheme() != ts.SCHEME_TYPE.CKKS.value:
+        raise InvalidArgument("public_context is not a CKKS context")
+    try:
+        scale = ctx.global_scale
+    except ValueError:
+        scale = 0.0
+    if not scale > 0:
+        raise InvalidArgument("public_context has no global scale: set Context.global_scale (the client library does)")
     # Our evaluation relies on automatic relinearisation/rescaling/mod-switching, whatever the client set.
     ctx.auto_relin = ctx.auto_rescale = ctx.auto_mod_switch = True
     return ctx

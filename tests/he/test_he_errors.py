@@ -172,7 +172,11 @@ def test_context_limits_per_tenant(loop_thread, tmp_path, he_model):
 
 
 def test_bad_contexts(client):
-    for blob in (b"", b"not a context", np.random.default_rng(1).bytes(5000)):
+    bfv = ts.context(ts.SCHEME_TYPE.BFV, 4096, plain_modulus=1032193)
+    bfv.make_context_public()
+    no_scale = ts.context(ts.SCHEME_TYPE.CKKS, 8192, coeff_mod_bit_sizes=[60, 40, 60])
+    no_scale.make_context_public()
+    for blob in (b"", b"not a context", np.random.default_rng(1).bytes(5000), bfv.serialize(), no_scale.serialize()):
         code, _ = _code(lambda: client.stub.RegisterContext(pb.RegisterContextRequest(public_context=blob)))
         assert code == grpc.StatusCode.INVALID_ARGUMENT
 
