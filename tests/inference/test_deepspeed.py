@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 
+from privlm.config import ConfigError
 from services.inference.config import EngineConfig
 from services.inference.deepspeed_backend import create_deepspeed_engine
 from services.inference.deepspeed_backend.launch import EXTENSIONS_DIR, REPO_ROOT, rank_env
@@ -86,7 +87,14 @@ def test_rank_environment_follows_the_deepspeed_pitfalls():
     assert env["OMP_NUM_THREADS"] == "1" and env["RANK"] == "1" and env["MASTER_PORT"] == "12345"
     assert EXTENSIONS_DIR.is_relative_to(REPO_ROOT / ".cache")
     assert env["TORCH_EXTENSIONS_DIR"] == str(EXTENSIONS_DIR)
-    assert os.environ.get("TORCH_EXTENSIONS_DIR") != str(EXTENSIONS_DIR)
+
+
+def test_a_group_that_cannot_load_reports_why(tiny_llama, tmp_path):
+    (tmp_path / "config.json").write_bytes((tiny_llama[0] / "config.json").read_bytes())   # no weights
+    with pytest.raises(EngineUnavailable, match="rank 0 failed to start"):
+        create_deepspeed_engine(EngineConfig(model=str(tmp_path), tp=2, backend="deepspeed"))
+    with pytest.raises(ConfigError):
+        create_deepspeed_engine(EngineConfig(model=str(tmp_path / "missing"), tp=2, backend="deepspeed"))
 
 
 def test_engine_describes_the_model(engine):

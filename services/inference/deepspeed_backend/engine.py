@@ -14,6 +14,9 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
+
+from privlm.config import ConfigError
 
 from ..config import EngineConfig
 from ..types import (EngineStats, EngineUnavailable, EngineOverloaded, EventCallback, FinishReason,
@@ -52,7 +55,8 @@ class DeepSpeedEngine:
         self._healthy = True
         self._closed = False
         self._error = ""
-        self._stats = EngineStats(extra={"load_seconds": ready.load_seconds})
+        self._stats = EngineStats(extra={"load_seconds": ready.load_seconds,
+                                                "rank0_weight_bytes": float(ready.rank0_weight_bytes)})
         self._thread = threading.Thread(target=self._loop, name="deepspeed-step-loop", daemon=True)
         self._thread.start()
 
@@ -96,7 +100,8 @@ class DeepSpeedEngine:
                 return
             self._closed = True
             self._cv.notify()
-        self._thread.join(60)
+        if threading.current_thread() is not self._thread:    # shutdown() from an on_event callback
+            self._thread.join(60)
         self._group.stop()
 
     # -- validation ---------------------------------------------------------------------------
@@ -168,6 +173,7 @@ class DeepSpeedEngine:
                     self._stats.batch_size_last = len(plan.decode) + len(plan.prefill)
                     self._stats.extra["prefill_seconds_last"] = result.prefill_seconds
                     self._stats.extra["decode_seconds_last"] = result.decode_seconds
+                    self._stats.extra["kv_cache_tokens"] = float(result.kv_cache_tokens)
         except GroupFailed as e:
             self._fail(str(e))
             return
@@ -220,6 +226,8 @@ class DeepSpeedEngine:
 def create_deepspeed_engine(config: EngineConfig) -> DeepSpeedEngine:
     """Start config.tp rank processes, wait until they have loaded and wrapped the model, and
     return the Engine serving them. Raises EngineUnavailable if the group cannot start."""
+    if not (Path(config.model) / "config.json").is_file():
+        raise ConfigError(f"model folder {config.model!r} has no config.json")
     group = RankGroup.start(config)
     try:
         ready = group.wait_ready(STARTUP_TIMEOUT_S)

@@ -35,6 +35,7 @@ class StepResult:
     error: str = ""                                         # the step failed: the group is unusable
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    kv_cache_tokens: int = 0                                # batch rows x cache width, padding included
 
 
 @dataclass(frozen=True)
@@ -47,3 +48,4 @@ class Ready:
     eos_token_ids: tuple[int, ...]
     parameters: int
     load_seconds: float
+    rank0_weight_bytes: int          # after AutoTP: rank 0's share of the weights

@@ -61,7 +61,11 @@ def _load(cfg: dict, rank: int, world: int):
     )
     engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": world}, dtype=dtype,
                                       replace_with_kernel_inject=False)
-    return engine.module, info
+    module = engine.module
+    # each rank loaded the whole model; after AutoTP it keeps its slices (plus replicated norms/embeddings)
+    info["rank0_weight_bytes"] = sum(t.numel() * t.element_size()
+                                     for t in {id(t): t for t in [*module.parameters(), *module.buffers()]}.values())
+    return module, info
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,10 +96,11 @@ def main(argv: list[str] | None = None) -> int:
 
         runner = BatchRunner(model, device, sampler_rank=rank == 0)
         dist.barrier(group=plan_group)
-    except BaseException:
+    except BaseException as e:
+        traceback.print_exc()
         if conn is not None:
-            conn.send(StepResult(error=f"rank {rank} failed to start:\n{traceback.format_exc(limit=6)}"))
-        raise
+            conn.send(StepResult(error=f"rank {rank} failed to start: {type(e).__name__}: {e}"))
+        return 1
     if conn is not None:
         conn.send(Ready(load_seconds=time.perf_counter() - t0, **info))
 
@@ -112,16 +117,18 @@ def main(argv: list[str] | None = None) -> int:
             break
         try:
             result = runner.apply(plan)
-        except Exception:
-            err = f"rank {rank} step failed:\n{traceback.format_exc(limit=6)}"
-            print(err, file=sys.stderr, flush=True)
+        except Exception as e:
+            traceback.print_exc()
+            err = f"rank {rank} step failed: {type(e).__name__}: {e}"
             if conn is not None:
                 conn.send(StepResult(error=err))
             os._exit(1)                            # peers may be stuck in a collective: the driver kills them
         if conn is not None:
             conn.send(result)
-    dist.destroy_process_group()
-    return 0
+    # every rank has the stop plan: leave without the slow interpreter and process-group teardown
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

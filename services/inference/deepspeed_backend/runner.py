@@ -8,6 +8,7 @@ the same state, so the tensor-parallel collectives inside the model always line 
 """
 from __future__ import annotations
 
+import inspect
 import os
 import time
 
@@ -33,7 +34,7 @@ class Sampler:
         # logits: [V]
         if self.temperature <= 0:
             return int(torch.argmax(logits))
-        x = logits.float() / self.temperature
+        x = logits / self.temperature
         if 0 < self.top_k < x.numel():
             kth = torch.topk(x, self.top_k).values[-1]
             x = x.masked_fill(x < kth, float("-inf"))
@@ -65,6 +66,9 @@ class BatchRunner:
         self.cache: DynamicCache | None = None      # layers hold [B, H_kv_local, width, D]
         self.width = 0
         self.samplers: dict[str, Sampler] = {}
+        # transformers renamed past_key_values to cache (5.2x); the GPU images still ship 5.17
+        params = inspect.signature(model.forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
 
     def apply(self, plan: StepPlan) -> StepResult:
         result = StepResult()
@@ -80,10 +84,8 @@ class BatchRunner:
             if tok is not None:
                 result.tokens[p.request_id] = tok
         result.prefill_seconds = time.perf_counter() - t0 if plan.prefill else 0.0
+        result.kv_cache_tokens = len(self.rows) * self.width
         return result
-
-    def kv_tokens(self) -> int:
-        return len(self.rows) * self.width
 
     # -- batch surgery ------------------------------------------------------------------------
     def _drop(self, ids: set[str]) -> None:
@@ -130,12 +132,12 @@ class BatchRunner:
         n = len(p.prompt_token_ids)
         ids = torch.tensor([p.prompt_token_ids], dtype=torch.long, device=self.device)  # [1, n]
         cache = self._new_cache()
-        out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self.cache_kw: cache})
         self._merge(p.request_id, cache, n)
         if not self.sampler_rank:
             return None
         sampler = self.samplers[p.request_id] = Sampler(p)
-        return sampler(out.logits[0, -1])
+        return sampler(out.logits[0, -1].float().cpu())
 
     @torch.inference_mode()
     def _decode(self, feed: dict[str, int]) -> dict[str, int]:
@@ -149,10 +151,10 @@ class BatchRunner:
         positions = (w - pad)[:, None]                                                # [B, 1]
         # the causal mask takes the query's column from the cache width (w), its rotary position
         # from position_ids: left padding shifts one and not the other
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=self.cache,
-                         use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=1, **{self.cache_kw: self.cache})
         self.width = w + 1
         if not self.sampler_rank:
             return {}
-        logits = out.logits[:, -1]                                                    # [B, V]
+        logits = out.logits[:, -1].float().cpu()        # [B, V]: one copy; generators live on the CPU
         return {rid: self.samplers[rid](logits[i]) for i, rid in enumerate(self.rows)}
