@@ -250,3 +250,42 @@ def test_overload_is_refused_promptly_and_expired_work_dropped(loop_thread, tmp_
     assert prompt                                          # refused while the slow job was still running
     assert isinstance(late, grpc.aio.AioRpcError) and late.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert runs == 1                                       # only the slow job ran; the expired one never did
+
+
+def test_mutated_ciphertexts_and_contexts_fuzz(he_model, keys1):
+    """Random byte flips and cuts: every outcome is a result or a caller error, never a crash or an
+    internal error. (A flip that keeps coefficients below their moduli loads and computes garbage:
+    ciphertexts carry no integrity tag the server could check; mTLS protects them in transit.)"""
+    from privlm.errors import FailedPrecondition, InvalidArgument
+    from services.he.config import HEServiceConfig
+    from services.he.engine import HEEngine, ScoreJob
+
+    eng = HEEngine(HEServiceConfig(max_contexts_per_tenant=100, max_context_bytes_per_tenant=1 << 30), [he_model])
+    eng.register_context("t", keys1.public_context)
+    good = keys1.encrypt_records(make_records(1))[0]
+    rng = np.random.default_rng(2024)
+
+    def mutate(blob: bytes, head: int) -> bytes:
+        b = bytearray(blob)
+        for _ in range(int(rng.integers(1, 4))):
+            pos = int(rng.integers(0, head if rng.random() < 0.5 else len(b)))
+            b[pos] ^= int(rng.integers(1, 256))
+        return bytes(b[:int(rng.integers(0, len(b)))]) if rng.random() < 0.2 else bytes(b)
+
+    outcomes = {"ok": 0, "refused": 0}
+    for _ in range(120):
+        try:
+            eng.score("t", ScoreJob(keys1.context_id, "", "record_per_ciphertext", 1, [mutate(good, 200)], "none"))
+            outcomes["ok"] += 1
+        except (InvalidArgument, FailedPrecondition):
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 60
+    small = BankKeys.generate(depth=1).public_context
+    for i in range(25):
+        try:
+            eng.register_context(f"fuzz-{i}", mutate(small, 400))
+        except InvalidArgument:
+            pass
+    out = eng.score("t", ScoreJob(keys1.context_id, "", "record_per_ciphertext", 1, [good], "none"))
+    np.testing.assert_allclose(keys1.decrypt_scores(out.context_id, "record_per_ciphertext", 1, out.scores),
+                               he_model.logit(make_records(1)), atol=1e-3)
