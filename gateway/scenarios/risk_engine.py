@@ -311,9 +311,10 @@ class RiskEngine:
 
     async def _explain(self, session: Session, tx_id: str, probability: float, memo: str, version: str,
                        emit: Emit) -> None:
-        user = (f"Transaction {tx_id} was flagged by the card-fraud model (version {version}): fraud probability "
-                f"{probability:.0%}, alert threshold {session.threshold:.0%}.\n"
-                f"Customer or branch memo: {memo if memo else '(none)'}")
+        # Short and concrete: a small model copies long preambles instead of explaining.
+        memo_line = f'Memo from the customer or branch: "{memo}".' if memo else "No memo."
+        user = (f"Flagged card transaction. Fraud probability: {probability:.0%} (alert threshold: "
+                f"{session.threshold:.0%}). {memo_line}")
         inp = GenerateInput(model=self.settings.model, messages=(("system", SYSTEM_PROMPT), ("user", user)),
                             max_new_tokens=session.max_tokens, temperature=0.0, request_id=f"risk-{tx_id}",
                             tenant=session.tenant if session.tenant != "default" else "")
