@@ -171,6 +171,59 @@ def rank_main(rank: int, world: int, store_path: str, smoke: bool, batch: int, p
         torch.save({"rates": rates, "weight_bytes": model.weight_bytes()}, out)
 
 
+def check(dev, layers: int = 3) -> None:
+    """Correctness on this device: native vs transformers logits (fp32 and bf16, V2-Lite widths,
+    `layers` layers), CUDA-graph vs eager tokens and grouped vs loop MoE in fp32. One JSON line."""
+    import json
+
+    from transformers import DeepseekV3ForCausalLM as HF
+
+    from services.inference.deepseek.config import DeepseekConfig
+    from services.inference.deepseek.cuda_graph import greedy_graph
+    from services.inference.deepseek.generate import _prefill_meta, greedy
+    from services.inference.deepseek.model import DeepseekV3ForCausalLM
+
+    hf_cfg = config(False)
+    hf_cfg.num_hidden_layers = layers
+    cfg = DeepseekConfig.from_dict(hf_cfg.to_dict())
+    out = {"check": "deepseek", "layers": layers, "device": str(dev)}
+    for dt in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        torch.set_default_dtype(dt)
+        with torch.device(dev):
+            hf = HF(hf_cfg).eval()
+        torch.set_default_dtype(torch.float32)
+        model = DeepseekV3ForCausalLM(cfg, None, dt, dev).eval()
+        copy_from_hf(model, hf)
+        ids = torch.randint(0, cfg.vocab_size, (32,), device=dev)
+        with torch.no_grad():
+            want = hf(ids[None]).logits[0, -1].float()
+        layers_, shape = model.kv_cache_spec()
+        slots = torch.arange(32, device=dev)
+        for impl in ("grouped", "loop"):
+            for l in model.model.layers:
+                if l.is_moe:
+                    l.mlp.impl = impl
+            cache = torch.zeros(layers_, 32, *shape, dtype=dt, device=dev)
+            got = model.compute_logits(model(ids, slots, _prefill_meta([0], [32], [slots]), cache)[-1:])[0]
+            out[f"{str(dt)[6:]}_{impl}_logits_rel_diff"] = float((got - want).abs().max() / want.abs().max())
+        if dt == torch.float32 and dev.type == "cuda":
+            ps = torch.randint(0, cfg.vocab_size, (4, 20)).tolist()
+            for l in model.model.layers:
+                if l.is_moe:
+                    l.mlp.impl = "grouped"
+            eager = greedy(model, ps, 12)
+            out["fp32_graph_tokens_equal_eager"] = greedy_graph(model, ps, 12) == eager
+            hf_tok = [hf.generate(torch.tensor([p], device=dev), attention_mask=torch.ones(1, 20, dtype=torch.long,
+                                  device=dev), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0)[0, 20:].tolist() for p in ps]
+            out["fp32_tokens_equal_hf_generate"] = eager == hf_tok
+        del hf, model
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    print(json.dumps(out), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench_deepseek", description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU (script check, no figures kept)")
@@ -178,7 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--gpus", type=int, default=None, help="also run on this many GPUs (default: up to 2)")
+    ap.add_argument("--check", type=int, default=0, metavar="LAYERS",
+                    help="only check correctness on this device with a LAYERS-layer model")
     args = ap.parse_args(argv)
+    if args.check:
+        check(torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"), args.check)
+        return 0
     smoke = args.smoke
     if not smoke and not torch.cuda.is_available():
         print("bench_deepseek: needs a CUDA GPU (use --smoke for a CPU check of the script)", file=sys.stderr)
