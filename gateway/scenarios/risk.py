@@ -270,6 +270,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threshold", type=float, default=0.8)
     ap.add_argument("--max-new-tokens", type=int, default=32, help="explanation length in tokens")
     ap.add_argument("--rate", type=float, default=4.0, help="transactions per second sent")
+    ap.add_argument("--write-model", default="", metavar="PATH",
+                    help="write the bank's scoring model JSON (for `privlm he --model-file PATH`) and exit")
     args = ap.parse_args(argv)
+    if args.write_model:
+        from gateway.scenarios.risk_data import DEMO_MODEL_SEED, train_model
+        from services.he.model import save_model
+
+        model = train_model(seed=DEMO_MODEL_SEED)
+        print(f"wrote {save_model(model, args.write_model)} ({model.model_id})")
+        return 0
     logging.basicConfig(level=logging.WARNING)
     return asyncio.run(run_demo(args))

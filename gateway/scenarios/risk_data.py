@@ -18,6 +18,7 @@ FEATURES = ("amount_thousands", "amount_vs_30d_mean", "hour_from_noon", "merchan
 # The hidden rule the synthetic labels follow (the trained model should rediscover its signs).
 _TRUE_W = np.array([0.35, 0.9, 0.15, 1.1, 0.012, 0.45, -0.25, 1.2])   # [F]
 _TRUE_B = -7.0
+DEMO_MODEL_SEED = 7            # the model the demo, the tests and the benchmark serve
 MERCHANTS = ("grocery", "fuel", "electronics", "jewellery", "crypto exchange", "airline", "pharmacy",
              "online marketplace", "wire transfer service", "restaurant")
 MERCHANT_RISK = {"grocery": 0.2, "fuel": 0.4, "restaurant": 0.3, "pharmacy": 0.3, "airline": 1.5,

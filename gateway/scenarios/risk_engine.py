@@ -35,8 +35,8 @@ from services.he.params import context_id as he_context_id
 
 log = logging.getLogger("privlm.risk")
 TX_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-SYSTEM_PROMPT = ("You are a bank's fraud-monitoring assistant. In one or two short sentences, tell the analyst "
-                 "why this card transaction was flagged and what to check first. Do not invent facts.")
+SYSTEM_PROMPT = ("Write one sentence for a bank fraud analyst: why the card transaction below needs review, "
+                 "and what to verify first with the customer.")
 
 
 # ---- what the servicer hands in -------------------------------------------------------------------
@@ -312,8 +312,8 @@ class RiskEngine:
     async def _explain(self, session: Session, tx_id: str, probability: float, memo: str, version: str,
                        emit: Emit) -> None:
         # Short and concrete: a small model copies long preambles instead of explaining.
-        memo_line = f'Memo from the customer or branch: "{memo}".' if memo else "No memo."
-        user = (f"Flagged card transaction. Fraud probability: {probability:.0%} (alert threshold: "
+        memo_line = f'Memo: "{memo}".' if memo else "No memo."
+        user = (f"A card transaction scored {probability:.0%} fraud probability (alert threshold "
                 f"{session.threshold:.0%}). {memo_line}")
         inp = GenerateInput(model=self.settings.model, messages=(("system", SYSTEM_PROMPT), ("user", user)),
                             max_new_tokens=session.max_tokens, temperature=0.0, request_id=f"risk-{tx_id}",

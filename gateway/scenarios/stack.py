@@ -73,11 +73,11 @@ class ScenarioStack:
         return stack
 
     async def _start_risk_backends(self, model_dir, tracer_provider) -> None:
-        from gateway.scenarios.risk_data import train_model
+        from gateway.scenarios.risk_data import DEMO_MODEL_SEED, train_model
         from services.he.config import HEServiceConfig
         from services.he.model import save_model
 
-        self.risk_model = train_model(seed=7)
+        self.risk_model = train_model(seed=DEMO_MODEL_SEED)
         model_file = save_model(self.risk_model, self.workdir / "risk_model.json")
         he_server, he_port = await _create_he_server(HEServiceConfig(model_files=(str(model_file),)),
                                                      tracer_provider)

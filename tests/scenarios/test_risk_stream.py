@@ -247,3 +247,66 @@ def test_overload_skips_explanations_never_decisions(risk_env, loop_thread):
         skipped += last.skipped_reason == "overloaded"
     assert skipped >= 1 and skipped == events[""][-1].end.explanations_skipped
     assert engine.pending_explanations == 0
+
+
+def test_replayed_memo_and_garbage_ciphertext_get_per_transaction_errors(risk_env, loop_thread):
+    """A memo replayed on another transaction is refused (replay guard); a ciphertext the HE service
+    cannot load is refused there; the session goes on and the next transaction is decided."""
+    stack, _, _, keys = risk_env
+    t = transactions(3, seed=9)
+
+    async def scenario():
+        channel, client, _ = await _session(stack, keys, threshold=0.999999)
+        first = client.request(t[0].transaction_id, await client.encrypt(t[0].features), "first memo")
+        replay = client.request(t[1].transaction_id, await client.encrypt(t[1].features))
+        replay.transaction.memo.CopyFrom(first.transaction.memo)              # same enc, same ciphertext
+        garbage = client.request(t[2].transaction_id, b"\x00not a ciphertext" * 10)
+        after = client.request("tx-after", await client.encrypt(t[0].features))
+        for r in (first, replay, garbage, after):
+            await client.write(r)
+        await client.done_writing()
+        events = await _collect(client)
+        await channel.close()
+        return events
+
+    events = loop_thread.run(scenario())
+    assert events[t[0].transaction_id][0].decision.memo_opened
+    replayed = events[t[1].transaction_id][0].error
+    # Bound to transaction 0's id, so it fails the binding or the replay check, never opens twice.
+    assert replayed.reason in ("replayed", "wrong_binding") and replayed.code == "PERMISSION_DENIED"
+    bad = events[t[2].transaction_id][0].error
+    assert bad.code == "INVALID_ARGUMENT" and bad.reason == "he_score_failed"
+    assert events["tx-after"][0].WhichOneof("kind") == "decision"
+
+
+@pytest.mark.parametrize("violation", ["second_open", "bad_id", "no_open"])
+def test_protocol_violations_end_the_call_with_invalid_argument(risk_env, loop_thread, violation):
+    from privlm.v1 import risk_pb2, risk_pb2_grpc
+
+    stack, _, _, keys = risk_env
+
+    async def scenario():
+        channel = grpc.aio.insecure_channel(stack.target)
+        try:
+            if violation == "no_open":
+                call = risk_pb2_grpc.RiskAlertsStub(channel).StreamTransactions()
+                await call.write(risk_pb2.RiskRequest(transaction=risk_pb2.RiskTransaction(transaction_id="x")))
+                await call.done_writing()
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await call.read()
+                return info.value
+            client = RiskClient(channel, stack.policy, keys)
+            await client.open()
+            if violation == "second_open":
+                await client.write(risk_pb2.RiskRequest(open=risk_pb2.OpenRiskSession()))
+            else:
+                await client.write(client.request("bad id with spaces", b"x"))
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async for _ in client.events():
+                    pass
+            return info.value
+        finally:
+            await channel.close()
+
+    err = loop_thread.run(scenario())
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
