@@ -20,7 +20,7 @@ bad rate; each step runs --step-s seconds and then drains; the whole search stop
 Features are encrypted ahead (a pool of distinct CKKS ciphertexts cycled with fresh ids), so bank-side
 encryption is not timed; memos are sealed at send time. The client shares the CPU with the servers.
 
-`python -m bench.bench_scenario_risk [--step-s 10] [--budget-s 170] [--dtype bfloat16]`
+`python -m bench.bench_scenario_risk [--step-s 15] [--budget-s 170] [--dtype bfloat16]`
 """
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--start", type=float, default=2.0, help="first rate, transactions/s")
     ap.add_argument("--max-rate", type=float, default=128.0)
-    ap.add_argument("--step-s", type=float, default=10.0)
+    ap.add_argument("--step-s", type=float, default=15.0)
     ap.add_argument("--drain-s", type=float, default=20.0)
     ap.add_argument("--budget-s", type=float, default=170.0, help="stop searching after this long")
     ap.add_argument("--threshold", type=float, default=0.8)

@@ -27,7 +27,7 @@ from gateway.scenarios.risk_config import RiskConfig
 from gateway.scenarios.risk_engine import (Decision, Explanation, HEError, HEScore, ModelInfo, RiskEngine, SessionEnd,
                                            SessionOpen, TransactionIn, TxError)
 from gateway.service import GatewayService
-from privlm.errors import FailedPrecondition, InvalidArgument, NotFound
+from privlm.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from privlm.v1 import he_pb2, he_pb2_grpc, risk_pb2, risk_pb2_grpc
 
 __all__ = ["RiskConfig", "RiskServicer", "mount_risk_service", "main", "SERVICE_NAME"]
@@ -75,13 +75,18 @@ class GrpcHELink:
             resp = await self._call(self.stub.RegisterContext,
                                     he_pb2.RegisterContextRequest(public_context=public_context), tenant)
         except HEError as exc:
+            if exc.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+                raise Unavailable(f"HE service unreachable: {exc.code}") from None
             raise (InvalidArgument if exc.code == "INVALID_ARGUMENT" else FailedPrecondition)(
                 f"HE service refused the public context: {exc}") from None
         return resp.context_id
 
     async def model(self, model_id: str) -> ModelInfo:
         if model_id not in self._models:
-            resp = await self._call(self.stub.Describe, he_pb2.DescribeRequest())
+            try:
+                resp = await self._call(self.stub.Describe, he_pb2.DescribeRequest())
+            except HEError as exc:
+                raise Unavailable(f"HE service did not describe its models: {exc.code}") from None
             for m in resp.models:
                 info = ModelInfo(m.model_id, m.version, m.num_features, tuple(m.feature_names))
                 self._models[m.model_id] = info

@@ -252,6 +252,12 @@ class RiskEngine:
                 span.set_attribute("privlm.outcome", "client_error" if exc.client else "server_error")
                 span.set_attribute("error.type", exc.reason)
                 await emit(TxError(tx.transaction_id, exc.code, exc.reason, str(exc)))
+            except Exception as exc:  # noqa: BLE001 - a bug must not end every other transaction's stream
+                session.errors += 1
+                span.set_attribute("privlm.outcome", "server_error")
+                span.set_attribute("error.type", type(exc).__name__)
+                log.error("risk transaction failed: %s", type(exc).__name__)   # the type only: no data
+                await emit(TxError(tx.transaction_id, "INTERNAL", "internal", "internal error; see the server log"))
 
     async def _process(self, session: Session, tx: TransactionIn, emit: Emit, parse_memo_context, decided) -> None:
         memo = ""
