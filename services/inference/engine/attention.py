@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from services.inference.engine import ops
+
 
 @dataclass
 class PrefillMeta:
@@ -78,8 +80,5 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttnMetadata, s
     k = kv[:, :, 0].permute(0, 2, 3, 1)                         # [B, Hkv, D, L]
     v = kv[:, :, 1].transpose(1, 2)                             # [B, Hkv, L, D]
     s = torch.matmul(q.view(b, hkv, hq // hkv, d), k)           # [B, Hkv, G, L]
-    s = s.float() * scale
-    if meta.decode_mask is not None:
-        s = s + meta.decode_mask
-    p = torch.softmax(s, dim=-1).to(q.dtype)
+    p = ops.attn_softmax(s, scale, meta.decode_mask, q.dtype)
     return torch.matmul(p, v).view(b, hq * d)                   # [B, Hkv, G, D] -> [B, Hq * D]

@@ -18,19 +18,34 @@ CTX_BUCKET = 256
 
 
 class _Static:
-    """Fixed input buffers and output of one captured shape."""
+    """Fixed input buffer and output of one captured shape.
 
-    def __init__(self, b: int, lctx: int, device):
-        z = dict(dtype=torch.int64, device=device)
-        self.ids = torch.zeros(b, **z)                                      # [B]
-        self.pos = torch.zeros(b, **z)                                      # [B]
-        self.slot_mapping = torch.zeros(b, **z)                             # [B]
-        self.slots = torch.zeros(b * lctx, **z)                             # [B * Lctx]
-        self.mask = torch.zeros((b, 1, 1, lctx), dtype=torch.float32, device=device)
-        self.meta = AttnMetadata(slot_mapping=self.slot_mapping, num_decode=b, decode_len=lctx,
-                                 decode_slots=self.slots, decode_mask=self.mask)
+    All per-step inputs travel in one int64 buffer (one host-to-device copy):
+    [ids B | positions B | own slot B | context length B | block table B * nblk (-1 = none)].
+    Context slots and the mask are computed inside the graph from the block table."""
+
+    def __init__(self, b: int, lctx: int, block_size: int, scratch: int, device):
+        self.b, self.lctx, self.nblk = b, lctx, lctx // block_size + 1
+        self.inp = torch.zeros(4 * b + b * self.nblk, dtype=torch.int64, device=device)
+        p = torch.arange(lctx, device=device)
+        self.p, self.p_blk, self.p_off = p, p // block_size, p % block_size
+        self.block_size, self.scratch = block_size, scratch
         self.graph = None
         self.logits = None
+
+    def meta_and_inputs(self):
+        b = self.b
+        ids, pos, own, lens = self.inp[:4 * b].view(4, b)
+        table = self.inp[4 * b:].view(b, self.nblk)                        # [B, nblk]
+        blk = table[:, self.p_blk]                                          # [B, Lctx]
+        # Padded rows (no blocks) attend to the scratch slot alone, so every row stays finite: a NaN
+        # written to the scratch slot would leak into real rows through masked positions.
+        valid = self.p[None, :] < lens[:, None]
+        slots = torch.where(valid & (blk >= 0), blk * self.block_size + self.p_off, self.scratch)
+        mask = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device).masked_fill(~valid, float("-inf"))
+        meta = AttnMetadata(slot_mapping=own, num_decode=b, decode_len=self.lctx,
+                            decode_slots=slots.reshape(-1), decode_mask=mask[:, None, None, :])
+        return ids, pos, meta
 
 
 class DecodeGraphs:
@@ -52,7 +67,8 @@ class DecodeGraphs:
         lctx = min(self.max_ctx, -(-max(c.start_pos + 1 for c in chunks) // CTX_BUCKET) * CTX_BUCKET)
         st = self.shapes.get((bp, lctx))
         if st is None:
-            st = self.shapes[(bp, lctx)] = _Static(bp, lctx, self.runner.device)
+            st = self.shapes[(bp, lctx)] = _Static(bp, lctx, self.runner.config.block_size,
+                                                   self.runner.scratch_slot, self.runner.device)
             self._fill(st, chunks, bp, lctx)
             self._capture(st)
         self._fill(st, chunks, bp, lctx)
@@ -64,7 +80,8 @@ class DecodeGraphs:
         return None if logits is None else logits[:b]
 
     def _forward(self, st: _Static):
-        hidden = self.runner.model(st.ids, st.pos, st.meta, self.runner.kv_cache)   # [B, hidden]
+        ids, pos, meta = st.meta_and_inputs()
+        hidden = self.runner.model(ids, pos, meta, self.runner.kv_cache)            # [B, hidden]
         return self.runner.model.compute_logits(hidden)                             # [B, V]
 
     def _capture(self, st: _Static) -> None:
@@ -82,28 +99,15 @@ class DecodeGraphs:
         self.pool = st.graph.pool()
 
     def _fill(self, st: _Static, chunks, bp: int, lctx: int) -> None:
-        """Copy this step's ids, positions, slots and mask into the static buffers."""
-        bs, scratch = self.runner.config.block_size, self.runner.scratch_slot
-        b = len(chunks)
-        nblk = lctx // bs + 1
-        table = torch.full((bp, nblk), -1, dtype=torch.int64)
-        for i, c in enumerate(chunks):
-            bt = c.block_table[:nblk]
-            table[i, :len(bt)] = torch.tensor(bt, dtype=torch.int64)
-        p = torch.arange(lctx)
-        slots = table[:, p // bs] * bs + p % bs                              # [Bp, Lctx]
-        lens = torch.tensor([c.start_pos + 1 for c in chunks] + [1] * (bp - b))
-        valid = p[None, :] < lens[:, None]
-        slots = torch.where(valid & (table[:, p // bs] >= 0), slots, torch.full_like(slots, scratch))
-        slots[b:] = scratch
-        pos = torch.tensor([c.start_pos for c in chunks] + [0] * (bp - b))
-        ids = torch.tensor([c.token_ids[0] for c in chunks] + [0] * (bp - b))
-        own = torch.tensor([c.block_table[c.start_pos // bs] * bs + c.start_pos % bs for c in chunks]
-                           + [scratch] * (bp - b))
-        mask = torch.zeros((bp, lctx), dtype=torch.float32).masked_fill_(~valid, float("-inf"))
-        nb = self.runner.device.type == "cuda"
-        st.ids.copy_(ids, non_blocking=nb)
-        st.pos.copy_(pos, non_blocking=nb)
-        st.slot_mapping.copy_(own, non_blocking=nb)
-        st.slots.copy_(slots.reshape(-1), non_blocking=nb)
-        st.mask.copy_(mask[:, None, None, :], non_blocking=nb)
+        """Pack this step's ids, positions, own slots, lengths and block tables into st.inp."""
+        bs, scratch, nblk = self.runner.config.block_size, self.runner.scratch_slot, st.nblk
+        pad = bp - len(chunks)
+        vals = [c.token_ids[0] for c in chunks] + [0] * pad
+        vals += [c.start_pos for c in chunks] + [0] * pad
+        vals += [c.block_table[c.start_pos // bs] * bs + c.start_pos % bs for c in chunks] + [scratch] * pad
+        vals += [c.start_pos + 1 for c in chunks] + [1] * pad
+        for c in chunks:
+            bt = list(c.block_table[:nblk])
+            vals += bt + [-1] * (nblk - len(bt))
+        vals += [-1] * (nblk * pad)
+        st.inp.copy_(torch.tensor(vals, dtype=torch.int64), non_blocking=st.inp.is_cuda)

@@ -59,6 +59,10 @@ class ModelRunner:
         self.kv_cache = torch.zeros((layers, self.num_blocks * bs + 1, *slot_shape), dtype=self.dtype,
                                     device=self.device)
         self.graphs = None
+        if self.device.type == "cuda" and config.compile_kernels:
+            from services.inference.engine import ops
+
+            ops.enable_compile()
         if self.device.type == "cuda" and config.cuda_graphs:
             from services.inference.engine.cuda_graphs import DecodeGraphs
 

@@ -41,7 +41,3 @@ class RotaryEmbedding:
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for a step: [N, 1, D] each (computed once per step, shared by all layers)."""
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
-
-    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: [N, H, D] -> rotated [N, H, D]; same arithmetic as transformers' rotate_half form."""
-        return x * cos + torch.roll(x, self.half, dims=-1) * sin

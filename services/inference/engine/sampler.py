@@ -27,7 +27,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.
         if p.temperature <= 0.0:
             out.append(greedy[i])
         else:
-            out.append(_sample_row(logits[i].float(), p, gens[i]))
+            out.append(_sample_row(logits[i].float().cpu(), p, gens[i]))   # generators live on CPU
     return out
 
 

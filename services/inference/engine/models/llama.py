@@ -6,9 +6,9 @@ Checkpoint names map onto fused parameters through `packed_modules_mapping`.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from services.inference.engine import ops
 from services.inference.engine.attention import AttnMetadata, paged_attention
 from services.inference.engine.comm import Comm
 from services.inference.engine.layers import (MergedColumnParallelLinear, ParallelLMHead,
@@ -34,7 +34,7 @@ class LlamaAttention(nn.Module):
         n, d = x.shape[0], self.head_dim
         qkv = self.qkv_proj(x)                                  # [N, (Hq + 2 Hkv) * D]
         qk = qkv[:, :(self.hq + self.hkv) * d].view(n, self.hq + self.hkv, d)
-        qk = rope.apply(qk, cos, sin)                           # [N, Hq + Hkv, D]
+        qk = ops.rope(qk, cos, sin, rope.half)                  # [N, Hq + Hkv, D]
         q, k = qk[:, :self.hq], qk[:, self.hq:]
         v = qkv[:, (self.hq + self.hkv) * d:].view(n, self.hkv, d)
         o = paged_attention(q, k, v, cache, meta, self.scale)   # [N, Hq * D]
@@ -53,7 +53,7 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x):
         gu = self.gate_up_proj(x)                               # [N, 2 * I_local]
-        return self.down_proj(F.silu(gu[:, :self.inter]) * gu[:, self.inter:])
+        return self.down_proj(ops.silu_mul(gu, self.inter))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -64,9 +64,17 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
 
-    def forward(self, x, rope, cos, sin, meta, cache):
-        x = x + self.self_attn(self.input_layernorm(x), rope, cos, sin, meta, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, rope, cos, sin, meta, cache):
+        """x: previous layer's output delta (None at layer 0, where residual = embeddings).
+        Returns (this layer's MLP output, residual stream before it is added)."""
+        ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
+        if x is None:
+            h = ops.rms_norm(residual, ln1.weight, ln1.eps)
+        else:
+            h, residual = ops.add_rms_norm(x, residual, ln1.weight, ln1.eps)
+        a = self.self_attn(h, rope, cos, sin, meta, cache)
+        h, residual = ops.add_rms_norm(a, residual, ln2.weight, ln2.eps)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -109,10 +117,12 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids, positions, meta: AttnMetadata, caches):
         # input_ids, positions: [N]; caches: [layers, slots, 2, Hkv, D] -> hidden [N, hidden]
         cos, sin = self.rope.tables(positions)
-        x = self.model.embed_tokens(input_ids)
+        residual = self.model.embed_tokens(input_ids)
+        x = None
         for layer, cache in zip(self.model.layers, caches):
-            x = layer(x, self.rope, cos, sin, meta, cache)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, self.rope, cos, sin, meta, cache)
+        norm = self.model.norm
+        return ops.add_rms_norm(x, residual, norm.weight, norm.eps)[0]
 
     def compute_logits(self, hidden):
         """hidden: [S, hidden] -> logits [S, vocab] on rank 0, None on other ranks."""

@@ -1,0 +1,221 @@
+"""GPU engine benchmarks: a random-initialised Llama-3.1-8B-shaped bf16 model on one GPU.
+
+  engine.gpu.decode_bs1_roofline   batch-1 decode tokens/s as a fraction of the HBM roofline
+                                   (weight + KV bytes read per token / measured copy bandwidth)  (>= 0.7)
+  engine.gpu.decode_bs1_vs_hf      batch-1 decode tokens/s / transformers generate() (warm)      (>= 3)
+  engine.gpu.batch64_tok_s         aggregate tokens/s of 64 concurrent requests (no target)
+
+`PYTHONPATH=. python -m bench.bench_engine_gpu [--new-tokens 128] [--skip-hf] [--check]`
+Weights are random (load_format="dummy"): values do not change speed.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.bench_engine_cpu import _decode_rate, _submit  # noqa: E402
+from bench.report import report  # noqa: E402
+
+
+def llama31_8b_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=131072,
+                       architectures=["LlamaForCausalLM"],
+                       rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001,
+                       rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                        "original_max_position_embeddings": 8192})
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a device-to-device copy (read + write), the practical HBM roofline."""
+    import torch
+
+    x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(20):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    bw = 2 * x.numel() * 20 / (time.perf_counter() - t)
+    del x, y
+    return bw
+
+
+def check_tiny() -> bool:
+    """Greedy tokens of the engine on CUDA (fp32, graphs on) equal transformers' on a tiny Llama."""
+    import torch
+
+    from services.inference.config import EngineConfig
+    from services.inference.engine import create_engine
+    from tests.inference.engine_helpers import generate
+    from tests.inference.tiny_models import build, hf_greedy
+
+    with tempfile.TemporaryDirectory() as d:
+        path = build("llama", Path(d) / "tiny")
+        prompts = [[1, 17, 99, 23, 5], [1] + list(range(30, 70)), [1, 200, 201]]
+        refs = [hf_greedy(path, p, 24) for p in prompts]
+        eng = create_engine(EngineConfig(model=str(path), dtype="float32", device="cuda"))
+        try:
+            alone = [generate(eng, [p], 24)[0] for p in prompts]
+            together = generate(eng, prompts, 24)
+        finally:
+            eng.shutdown()
+        torch.cuda.empty_cache()
+    ok = alone == refs and together == refs
+    print(f"# tiny llama on cuda: greedy equal to transformers alone={alone == refs} batched={together == refs}",
+          flush=True)
+    return ok
+
+
+def _profile_decode(runner) -> None:
+    """Kernel time breakdown of one batch-1 decode step, eager and replayed (diagnostics only)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from services.inference.engine.scheduler import Chunk, StepPlan
+
+    plan = StepPlan((Chunk(0, (5,), 200, tuple(range(16)), True),), 1)
+    graphs, runner.graphs = runner.graphs, None
+    for g in (None, graphs):
+        runner.graphs = g
+        for _ in range(3):
+            runner.execute(plan)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(10):
+            runner.execute(plan)
+        torch.cuda.synchronize()
+        print(f"# decode step {'graph' if g else 'eager'}: {(time.perf_counter() - t) / 10 * 1e3:.2f} ms", flush=True)
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            runner.execute(plan)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14), flush=True)
+    runner.graphs = graphs
+
+
+def hf_rate(cfg, prompt, n, reps) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    class Stamp(BaseStreamer):
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    ids = torch.tensor([prompt], device="cuda")
+    rates = []
+    with torch.inference_mode():
+        for i in range(reps + 1):
+            st = Stamp()
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, streamer=st, pad_token_id=0)
+            if i:
+                rates.append(_decode_rate(st.times[1:]))
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return statistics.median(rates)
+
+
+def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from services.inference.config import EngineConfig
+    from services.inference.engine import create_engine
+
+    if not torch.cuda.is_available():
+        print("# bench_engine_gpu: no CUDA device, skipped", file=sys.stderr)
+        return
+    if args.check:
+        check_tiny()
+    bw = copy_bandwidth()
+    cfg = llama31_8b_config()
+    n, plen = args.new_tokens, 128
+    prompt = [128000] + [(i * 7919) % 120000 + 100 for i in range(plen - 1)]
+    with tempfile.TemporaryDirectory() as d:
+        cfg.save_pretrained(d)                                        # config.json only
+        t0 = time.perf_counter()
+        engine = create_engine(EngineConfig(model=d, dtype="bfloat16", device="cuda", load_format="dummy",
+                                            max_model_len=4096, kv_cache_bytes=8 << 30, max_num_seqs=128,
+                                            max_num_batched_tokens=8192))
+        print(f"# engine up in {time.perf_counter() - t0:.1f}s", flush=True)
+        try:
+            rates = []
+            for i in range(args.reps + 1):
+                tl = _submit(engine, f"bs1-{i}", prompt, n)
+                tl.done.wait()
+                if i:
+                    rates.append(_decode_rate(tl.times))
+            bs1 = statistics.median(rates)
+            r = engine.runner
+            embed = r.model.model.embed_tokens.weight
+            weight_read = r.weight_bytes - embed.numel() * embed.element_size()   # one embedding row per token
+            layers, slot = r.model.kv_cache_spec()
+            kv_per_pos = layers * slot[0] * slot[1] * slot[2] * r.dtype.itemsize
+            kv_read = kv_per_pos * (plen + n / 2)                                  # mean context
+            roofline = bw / (weight_read + kv_read)
+            if args.profile:
+                _profile_decode(r)
+            prompts = [[128000] + [(i * 7919 + k * 104729) % 120000 + 100 for i in range(plen - 1)]
+                       for k in range(args.batch)]
+            for rep in range(2):
+                t0 = time.perf_counter()
+                tls = [_submit(engine, f"b{rep}-{k}", p, n) for k, p in enumerate(prompts)]
+                for tl in tls:
+                    tl.done.wait()
+                wall = time.perf_counter() - t0
+                agg = sum(tl.tokens for tl in tls) / wall
+                first = max(tl.times[0] for tl in tls)
+                last = max(tl.times[-1] for tl in tls)
+                decode_agg = sum(tl.tokens - 1 for tl in tls) / (last - first)
+        finally:
+            engine.shutdown()
+    del engine, r, embed
+    gc.collect()
+    gc.collect()
+    torch.cuda.empty_cache()
+    hf = None if args.skip_hf else hf_rate(cfg, prompt, n, 2)
+    gpu = torch.cuda.get_device_name(0)
+    report("engine.gpu.decode_bs1_roofline", "fraction", bs1 / roofline, None, 0.7, engine_tok_s=round(bs1, 1),
+           roofline_tok_s=round(roofline, 1), copy_bandwidth_gb_s=round(bw / 1e9, 1),
+           bytes_per_token=int(weight_read + kv_read), new_tokens=n, prompt_tokens=plen, gpu=gpu)
+    report("engine.gpu.decode_bs1_vs_hf", "ratio", bs1 / hf if hf else 0.0, None, 3.0, engine_tok_s=round(bs1, 1),
+           hf_bf16_tok_s=None if hf is None else round(hf, 1), gpu=gpu)
+    report("engine.gpu.batch64_tok_s", "tokens/s", agg, None, None, decode_phase_tok_s=round(decode_agg, 1),
+           requests=args.batch, new_tokens=n, prompt_tokens=plen, gpu=gpu)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
