@@ -1,60 +1,30 @@
 """Faults under `privlm up`: a worker rank killed mid-stream, automatic restart, SIGTERM drain."""
-import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import pytest
 
 from privlm.v1 import inference_pb2 as pb
 from privlm.v1 import inference_pb2_grpc as pb_grpc
+from tests.up_support import processes_where, start_up, stop_up
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.slow, pytest.mark.model]
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                fields = (p / "stat").read_text().rsplit(")", 1)[1].split()
-                if int(fields[1]) == pid and fields[0] != "Z":
-                    out.append(int(p.name))
-            except (OSError, IndexError, ValueError):
-                pass
-    return out
-
-
-@pytest.fixture
-def suite(tmp_path, default_model):
-    state = tmp_path / "state.json"
-    proc = subprocess.Popen([sys.executable, "-m", "privlm.cli", "up", "--tp", "2", "--no-he", "--port", "0",
-                             "--state-file", str(state), "--log-dir", str(tmp_path / "logs"), "--grace", "20"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 300
-    while not state.exists():
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.monotonic() < deadline, "privlm up did not come up in time"
-        time.sleep(0.5)
-    info = json.loads(state.read_text())
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory, default_model):
+    """One suite for the module: the restart test runs first, the SIGTERM test stops it last."""
+    proc, info = start_up(tmp_path_factory.mktemp("up"), "--tp", "2", "--no-he", "--grace", "20")
     from privlm.client_cli import auth_metadata
     from privlm.transport import TransportConfig
 
     channel = TransportConfig(tls_dir=info["tls_dir"]).channel(f"127.0.0.1:{info['gateway']['port']}", "client")
     yield proc, info, pb_grpc.InferenceStub(channel), auth_metadata(None)
     channel.close()
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    stop_up(proc)
 
 
 def _long(n):
@@ -65,7 +35,7 @@ def _long(n):
 
 def test_rank_killed_mid_stream_then_group_restarts(suite):
     proc, info, stub, md = suite
-    followers = _children(info["worker"]["pid"])
+    followers = processes_where("ppid", info["worker"]["pid"])
     assert followers, "premise: tp=2 runs a follower rank process under the worker"
     got, t0 = 0, time.monotonic()
     with pytest.raises(grpc.RpcError) as err:
