@@ -185,15 +185,9 @@ class PeerIdentityInterceptor(grpc.aio.ServerInterceptor):
                     yield item
             return call
 
-        kinds = [("unary_unary", unary, grpc.unary_unary_rpc_method_handler),
-                 ("unary_stream", stream, grpc.unary_stream_rpc_method_handler),
-                 ("stream_unary", unary, grpc.stream_unary_rpc_method_handler),
-                 ("stream_stream", stream, grpc.stream_stream_rpc_method_handler)]
-        for attr, wrap, make in kinds:
-            fn = getattr(handler, attr)
-            if fn:
-                return make(wrap(fn), handler.request_deserializer, handler.response_serializer)
-        return handler
+        from privlm.grpcserver import rewrap
+
+        return rewrap(handler, unary, stream)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ import grpc
 
 from privlm.config import check, from_mapping
 from privlm.errors import ResourceExhausted, Unauthenticated
+from privlm.grpcserver import rewrap
 
 log = logging.getLogger("privlm.gateway.tenants")
 current_tenant: contextvars.ContextVar[str] = contextvars.ContextVar("privlm_tenant", default="")
@@ -168,12 +169,4 @@ class TenantInterceptor(grpc.aio.ServerInterceptor):
                     limits.release()
             return call
 
-        kinds = (("unary_unary", wrap_unary, grpc.unary_unary_rpc_method_handler),
-                 ("unary_stream", wrap_stream, grpc.unary_stream_rpc_method_handler),
-                 ("stream_unary", wrap_unary, grpc.stream_unary_rpc_method_handler),
-                 ("stream_stream", wrap_stream, grpc.stream_stream_rpc_method_handler))
-        for attr, wrap, make in kinds:
-            fn = getattr(handler, attr)
-            if fn:
-                return make(wrap(fn), handler.request_deserializer, handler.response_serializer)
-        return handler
+        return rewrap(handler, wrap_unary, wrap_stream)

@@ -16,6 +16,24 @@ from privlm.errors import InvalidArgument, status_for
 log = logging.getLogger("privlm.grpc")
 
 
+_KEEP = object()
+_KINDS = (("unary_unary", False, grpc.unary_unary_rpc_method_handler),
+          ("unary_stream", True, grpc.unary_stream_rpc_method_handler),
+          ("stream_unary", False, grpc.stream_unary_rpc_method_handler),
+          ("stream_stream", True, grpc.stream_stream_rpc_method_handler))
+
+
+def rewrap(handler, wrap_unary, wrap_stream, request_deserializer=_KEEP):
+    """Rebuild an RPC method handler with its behaviour wrapped: `wrap_unary(fn)` for single
+    responses, `wrap_stream(fn)` for streamed ones (the shape every server interceptor here needs)."""
+    des = handler.request_deserializer if request_deserializer is _KEEP else request_deserializer
+    for attr, streams, make in _KINDS:
+        fn = getattr(handler, attr)
+        if fn:
+            return make((wrap_stream if streams else wrap_unary)(fn), des, handler.response_serializer)
+    return handler
+
+
 class StatusInterceptor(grpc.aio.ServerInterceptor):
     """Map exceptions escaping a servicer to gRPC status codes, by type (privlm.errors)."""
 
@@ -39,7 +57,9 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             async for raw in raw_iterator:
                 yield decode(raw)
 
-        def wrap_unary(fn, streaming_request):
+        streaming_request = bool(handler.stream_unary or handler.stream_stream)
+
+        def wrap_unary(fn):
             async def call(request, context):
                 try:
                     req = decode_stream(request) if streaming_request else decode(request)
@@ -48,7 +68,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
                     await _abort(context, exc, method)
             return call
 
-        def wrap_stream(fn, streaming_request):
+        def wrap_stream(fn):
             async def call(request, context):
                 try:
                     req = decode_stream(request) if streaming_request else decode(request)
@@ -59,15 +79,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             return call
 
         # Requests reach us as bytes (deserializer None) so that decoding errors are mapped too.
-        kinds = (("unary_unary", wrap_unary, False, grpc.unary_unary_rpc_method_handler),
-                 ("unary_stream", wrap_stream, False, grpc.unary_stream_rpc_method_handler),
-                 ("stream_unary", wrap_unary, True, grpc.stream_unary_rpc_method_handler),
-                 ("stream_stream", wrap_stream, True, grpc.stream_stream_rpc_method_handler))
-        for attr, wrap, streaming_request, make in kinds:
-            fn = getattr(handler, attr)
-            if fn:
-                return make(wrap(fn, streaming_request), None, handler.response_serializer)
-        return handler
+        return rewrap(handler, wrap_unary, wrap_stream, request_deserializer=None)
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:

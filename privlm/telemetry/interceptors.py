@@ -91,19 +91,9 @@ class MetricsServerInterceptor(grpc.aio.ServerInterceptor):
                     record(method, _code_name(context, exc), time.perf_counter() - t0)
             return call
 
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                wrap_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                wrap_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                wrap_unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer)
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(
-                wrap_stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer)
-        return handler
+        from privlm.grpcserver import rewrap
+
+        return rewrap(handler, wrap_unary, wrap_stream)
 
 
 def server_interceptors(tracer_provider: trace.TracerProvider | None = None,
