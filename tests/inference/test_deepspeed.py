@@ -92,7 +92,7 @@ def test_rank_environment_follows_the_deepspeed_pitfalls():
 def test_a_group_that_cannot_load_reports_why(tiny_llama, tmp_path):
     (tmp_path / "config.json").write_bytes((tiny_llama[0] / "config.json").read_bytes())   # no weights
     with pytest.raises(EngineUnavailable, match="rank 0 failed to start"):
-        create_deepspeed_engine(EngineConfig(model=str(tmp_path), tp=2, backend="deepspeed"))
+        create_deepspeed_engine(EngineConfig(model=str(tmp_path), tp=1, backend="deepspeed"))
     with pytest.raises(ConfigError):
         create_deepspeed_engine(EngineConfig(model=str(tmp_path / "missing"), tp=2, backend="deepspeed"))
 
@@ -153,6 +153,19 @@ def test_cancel_ends_the_request_and_the_batch_keeps_working(engine, tiny_llama)
     got, _ = run(engine, "after-cancel", PROMPTS[2], 8)
     assert got == hf_generate(tiny_llama[1], PROMPTS[2], 8)
     assert engine.stats().running == 0
+
+
+def test_idle_group_is_kept_alive_by_heartbeats(engine, tiny_llama):
+    """Idle followers wait in a gloo broadcast that would time out after 30 min: empty plans reset it."""
+    before = engine.stats().extra["heartbeats"]
+    engine.heartbeat_s = 0.2
+    try:
+        time.sleep(1.5)
+    finally:
+        engine.heartbeat_s = 60.0
+    assert engine.stats().extra["heartbeats"] >= before + 2
+    got, _ = run(engine, "after-idle", PROMPTS[1], 6)
+    assert got == hf_generate(tiny_llama[1], PROMPTS[1], 6)
 
 
 def test_invalid_requests_are_refused(engine):

@@ -26,6 +26,9 @@ from .plan import Prefill, Ready, StepPlan
 
 log = logging.getLogger(__name__)
 STARTUP_TIMEOUT_S = 900.0      # the first start JIT-compiles DeepSpeed's shm op (~30 s on 2 cores)
+# An idle follower waits for the next plan inside a gloo broadcast, which times out after the
+# process group's timeout (30 min): an empty plan at this interval keeps idle groups alive.
+HEARTBEAT_S = 60.0
 
 
 @dataclass
@@ -55,7 +58,8 @@ class DeepSpeedEngine:
         self._healthy = True
         self._closed = False
         self._error = ""
-        self._stats = EngineStats(extra={"load_seconds": ready.load_seconds,
+        self.heartbeat_s = HEARTBEAT_S
+        self._stats = EngineStats(extra={"heartbeats": 0.0, "load_seconds": ready.load_seconds,
                                                 "rank0_weight_bytes": float(ready.rank0_weight_bytes)})
         self._thread = threading.Thread(target=self._loop, name="deepspeed-step-loop", daemon=True)
         self._thread.start()
@@ -128,12 +132,17 @@ class DeepSpeedEngine:
 
     def _loop(self) -> None:
         drop: list[str] = []                   # rows in the ranks' batch that must leave it
+        last_step = time.monotonic()
         try:
             while True:
                 ended: list[_Live] = []
+                heartbeat = False
                 with self._cv:
                     while not (self._closed or self._waiting or self._running or self._cancels or drop):
-                        self._cv.wait(0.5)
+                        if time.monotonic() - last_step > self.heartbeat_s:
+                            heartbeat = True
+                            break
+                        self._cv.wait(min(0.5, self.heartbeat_s))
                         if self._group.dead():
                             raise GroupFailed("rank(s) exited: " + str(self._group.dead()))
                     if self._closed:
@@ -161,14 +170,18 @@ class DeepSpeedEngine:
                                           a.request.sampling.top_p, a.request.sampling.top_k, a.request.sampling.seed)
                                   for a in admitted))
                 drop = []
-                if not (plan.drop or plan.decode or plan.prefill):
+                if not (plan.drop or plan.decode or plan.prefill or heartbeat):
                     continue
                 with self._cv:
                     for a in admitted:
                         self._running[a.request.request_id] = a
                 result = self._group.step(plan)
+                last_step = time.monotonic()
                 drop = self._deliver(result.tokens)
                 with self._cv:
+                    if heartbeat:
+                        self._stats.extra["heartbeats"] += 1
+                        continue
                     self._stats.steps += 1
                     self._stats.batch_size_last = len(plan.decode) + len(plan.prefill)
                     self._stats.extra["prefill_seconds_last"] = result.prefill_seconds

@@ -38,7 +38,11 @@ def free_port() -> int:
 def threads_per_rank(config: EngineConfig) -> int:
     if config.threads:
         return config.threads
-    return max(1, (os.cpu_count() or 1) // config.tp)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, cores // config.tp)
 
 
 def rank_env(config: EngineConfig, rank: int, port: int) -> dict[str, str]:
