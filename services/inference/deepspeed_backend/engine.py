@@ -158,8 +158,14 @@ class DeepSpeedEngine:
                         if live is not None:
                             ended.append(live)
                     self._cancels.clear()
-                    admitted = []
+                    # token budget per step: running rows decode one token each, new prompts prefill
+                    # whole (no chunking here: a prompt over the budget is admitted alone)
+                    admitted, budget = [], self.config.max_num_batched_tokens - len(self._running)
                     while self._waiting and len(self._running) + len(admitted) < self.config.max_num_seqs:
+                        n = len(self._waiting[0].request.prompt_token_ids)
+                        if admitted and n > budget:
+                            break
+                        budget -= n
                         admitted.append(self._waiting.popleft())
                 for live in ended:
                     self._emit(live, (), FinishReason.CANCELLED)
