@@ -73,9 +73,11 @@ class MoE(nn.Module):
                                if cfg.n_shared_experts else None)
         self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.long, device=device),
                              persistent=False)
-        # "grouped": torch grouped GEMM over the stacked experts, no host sync (default on CUDA);
+        # "grouped": torch grouped GEMM over the stacked experts, no host sync (default on CUDA, bf16);
         # "loop": one GEMM pair per expert that received tokens (default on CPU)
-        self.impl = "grouped" if (torch.device(device or "cpu").type == "cuda" and _GROUPED_MM) else "loop"
+        # (CUDA's grouped GEMM is a bf16 kernel; other dtypes there take the loop)
+        cuda = torch.device(device or "cpu").type == "cuda"
+        self.impl = "grouped" if (cuda and _GROUPED_MM and dtype == torch.bfloat16) else "loop"
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [N, H] -> (weights [N, k] float32, expert ids [N, k])."""
