@@ -33,6 +33,7 @@ class _Timeline:
         self.times: list[float] = []
         self.tokens = 0
         self.done = threading.Event()
+        self.events_error = ""
 
     def __call__(self, ev):
         now = time.perf_counter()
@@ -40,6 +41,7 @@ class _Timeline:
             self.times.append(now)
         self.tokens += len(ev.token_ids)
         if ev.finish_reason is not None:
+            self.events_error = ev.error
             self.done.set()
 
 

@@ -108,6 +108,41 @@ def _profile_decode(runner) -> None:
     runner.graphs = graphs
 
 
+def tp2_rate(cfg, prompt, n, reps):
+    """Batch-1 decode tokens/s at TP=2 (rank 1 spawned on the second GPU); graphs first, else eager."""
+    import torch
+
+    from services.inference.config import EngineConfig
+    from services.inference.engine import create_engine
+
+    for graphs in (True, False):
+        with tempfile.TemporaryDirectory() as d:
+            cfg.save_pretrained(d)
+            try:
+                engine = create_engine(EngineConfig(model=d, dtype="bfloat16", device="cuda", tp=2,
+                                                    load_format="dummy", max_model_len=4096,
+                                                    kv_cache_bytes=4 << 30, cuda_graphs_tp=graphs))
+                try:
+                    rates = []
+                    for i in range(reps + 1):
+                        tl = _submit(engine, f"tp2-{i}", prompt, n)
+                        if not tl.done.wait(180):
+                            raise TimeoutError("tp2 request did not finish in 180 s")
+                        if tl.events_error:
+                            raise RuntimeError(tl.events_error)
+                        if i:
+                            rates.append(_decode_rate(tl.times))
+                finally:
+                    engine.shutdown()
+                del engine
+                gc.collect()
+                torch.cuda.empty_cache()
+                return statistics.median(rates), graphs
+            except Exception as exc:                      # report and fall back to eager
+                print(f"# tp2 with cuda_graphs_tp={graphs} failed: {exc!r}", flush=True)
+    return None
+
+
 def hf_rate(cfg, prompt, n, reps) -> float:
     import torch
     from transformers import AutoModelForCausalLM
@@ -148,6 +183,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--tp2", action="store_true", help="also measure TP=2 on two GPUs (batch-1 decode)")
     args = ap.parse_args(argv)
 
     import torch
@@ -206,6 +242,9 @@ def main(argv: list[str]) -> None:
     gc.collect()
     gc.collect()
     torch.cuda.empty_cache()
+    tp2 = None
+    if args.tp2 and torch.cuda.device_count() >= 2:
+        tp2 = tp2_rate(cfg, prompt, n, args.reps)
     hf = None if args.skip_hf else hf_rate(cfg, prompt, n, 2)
     gpu = torch.cuda.get_device_name(0)
     report("engine.gpu.decode_bs1_roofline", "fraction", bs1 / roofline, None, 0.7, engine_tok_s=round(bs1, 1),
@@ -213,6 +252,9 @@ def main(argv: list[str]) -> None:
            bytes_per_token=int(weight_read + kv_read), new_tokens=n, prompt_tokens=plen, gpu=gpu)
     report("engine.gpu.decode_bs1_vs_hf", "ratio", bs1 / hf if hf else 0.0, None, 3.0, engine_tok_s=round(bs1, 1),
            hf_bf16_tok_s=None if hf is None else round(hf, 1), gpu=gpu)
+    if tp2 is not None:
+        report("engine.gpu.tp2_vs_tp1_bs1", "ratio", tp2[0] / bs1, None, 1.6, tp1_tok_s=round(bs1, 1),
+               tp2_tok_s=round(tp2[0], 1), tp2_cuda_graphs=tp2[1], gpu=gpu)
     report("engine.gpu.batch64_tok_s", "tokens/s", agg, None, None, decode_phase_tok_s=round(decode_agg, 1),
            requests=args.batch, new_tokens=n, prompt_tokens=plen, gpu=gpu)
 

@@ -15,21 +15,22 @@ import torch.distributed as dist
 class Comm:
     """Rank/size plus the few collectives the engine needs. tp=1 needs no process group."""
 
-    def __init__(self, rank: int = 0, size: int = 1, pg=None, store=None, device: str = "cpu"):
+    def __init__(self, rank: int = 0, size: int = 1, pg=None, store=None, device: str = "cpu", cpu_pg=None):
         self.rank, self.size, self.pg, self.store = rank, size, pg, store
+        self.cpu_pg = cpu_pg if cpu_pg is not None else pg      # control plane: plans, small ints
         self.device = torch.device(device)
 
     @classmethod
     def create(cls, store, rank: int, size: int, device: str, timeout_s: float = 60.0) -> "Comm":
+        """Tensors go through NCCL on CUDA (gloo on CPU); step plans always through gloo on CPU."""
         timeout = datetime.timedelta(seconds=timeout_s)
-        prefixed = dist.PrefixStore("privlm_tp", store)
-        if device == "cuda":
+        cpu_pg = dist.ProcessGroupGloo(dist.PrefixStore("privlm_ctl", store), rank, size, timeout)
+        pg = cpu_pg
+        if str(device).startswith("cuda"):
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = timeout
-            pg = dist.ProcessGroupNCCL(prefixed, rank, size, opts)
-        else:
-            pg = dist.ProcessGroupGloo(prefixed, rank, size, timeout)
-        return cls(rank, size, pg, store, device)
+            pg = dist.ProcessGroupNCCL(dist.PrefixStore("privlm_tp", store), rank, size, opts)
+        return cls(rank, size, pg, store, device, cpu_pg)
 
     @property
     def is_driver(self) -> bool:
@@ -59,18 +60,16 @@ class Comm:
             length = torch.tensor([data.numel()], dtype=torch.int64)
         else:
             length = torch.zeros(1, dtype=torch.int64)
-        length = length.to(self.device)
-        self.pg.broadcast(length, 0).wait()
+        self.cpu_pg.broadcast(length, 0).wait()
         if self.rank != 0:
             data = torch.empty(int(length.item()), dtype=torch.uint8)
-        data = data.to(self.device)
-        self.pg.broadcast(data, 0).wait()
-        return obj if self.rank == 0 else pickle.loads(data.cpu().numpy().tobytes())
+        self.cpu_pg.broadcast(data, 0).wait()
+        return obj if self.rank == 0 else pickle.loads(data.numpy().tobytes())
 
     def all_gather_int(self, value: int) -> list[int]:
         if self.size == 1:
             return [value]
-        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        t = torch.tensor([value], dtype=torch.int64)
         outs = [torch.empty_like(t) for _ in range(self.size)]
-        self.pg.allgather([outs], [t]).wait()
+        self.cpu_pg.allgather([outs], [t]).wait()
         return [int(o.item()) for o in outs]

@@ -28,7 +28,8 @@ def context_window(hf_config) -> int:
 class ModelRunner:
     def __init__(self, config: EngineConfig, comm: Comm):
         self.config, self.comm = config, comm
-        threads = config.threads or max(1, (os.cpu_count() or 1) // max(1, config.tp))
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", config.tp))   # ranks sharing this host
+        threads = config.threads or max(1, (os.cpu_count() or 1) // max(1, local_ranks))
         torch.set_num_threads(threads)
         self.hf_config = AutoConfig.from_pretrained(config.model)
         self.architecture = (getattr(self.hf_config, "architectures", None) or ["?"])[0]
@@ -63,7 +64,8 @@ class ModelRunner:
             from services.inference.engine import ops
 
             ops.enable_compile()
-        if self.device.type == "cuda" and config.cuda_graphs:
+        # tp > 1 captures NCCL all-reduces inside the graphs: opt-in (cuda_graphs_tp) until proven.
+        if self.device.type == "cuda" and config.cuda_graphs and (comm.size == 1 or config.cuda_graphs_tp):
             from services.inference.engine.cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(self)
