@@ -82,5 +82,6 @@ def ep_worker(rank: int, world: int, store: str, folder: str, prompts_: list[lis
     logits = forward_last(model, torch.tensor(prompts_[0]))
     load = model.expert_load()
     torch.save({"tokens": tokens, "logits": logits, "weight_bytes": model.weight_bytes(),
-                "bytes_read": model.weight_bytes_read, "experts": list(model.local_experts),
+                "bytes_read": model.weight_bytes_read, "experts": sorted(model.held[1]), "held": model.held,
+                "computed_pairs": model.computed_pairs(),
                 "load": load, "imbalance": imbalance(load, world)}, f"{out_dir}/rank{rank}.pt")

@@ -22,6 +22,7 @@ from services.inference.engine.comm import Comm
 from services.inference.engine.loader import load_weights
 
 from .attention import MLAttention, RMSNorm, rope_inv_freq
+from .balance import load_placement
 from .config import DeepseekConfig
 from .moe import DenseMLP, MoE
 from .params import shard_range
@@ -32,13 +33,13 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: DeepseekConfig, i: int, comm: Comm, dtype, device):
+    def __init__(self, cfg: DeepseekConfig, i: int, comm: Comm, dtype, device, placement=None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.self_attn = MLAttention(cfg, comm.rank, comm.size, dtype, device)
         self.is_moe = cfg.is_moe_layer(i)
-        self.mlp = (MoE(cfg, comm.rank, comm.size, dtype, device) if self.is_moe
+        self.mlp = (MoE(cfg, comm.rank, comm.size, dtype, device, placement) if self.is_moe
                     else DenseMLP(cfg.hidden_size, cfg.intermediate_size, comm.rank, comm.size, dtype, device,
                                   cfg.fp8_block))
         self.comm = comm
@@ -61,39 +62,42 @@ class VocabEmbedding(nn.Module):
 
 
 class DeepseekModel(nn.Module):
-    def __init__(self, cfg: DeepseekConfig, comm: Comm, dtype, device):
+    def __init__(self, cfg: DeepseekConfig, comm: Comm, dtype, device, placement: dict | None = None):
         super().__init__()
         self.embed_tokens = VocabEmbedding(shard_range(cfg.vocab_size, comm.size, comm.rank),
                                            cfg.hidden_size, dtype, device)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, comm, dtype, device)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, comm, dtype, device, (placement or {}).get(i))
                                     for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
 
 
 class DeepseekV3ForCausalLM(nn.Module):
     def __init__(self, hf_config, comm: Comm | None = None, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", max_pos: int | None = None):
+                 device: torch.device | str = "cpu", max_pos: int | None = None, folder: str | Path | None = None):
+        """hf_config: a transformers config (the engine's call) or a DeepseekConfig. An expert
+        placement (balance.py) is read from the model folder when one is there."""
         super().__init__()
         cfg = hf_config if isinstance(hf_config, DeepseekConfig) else DeepseekConfig.from_dict(hf_config.to_dict())
+        folder = folder or getattr(hf_config, "_name_or_path", None)
         if cfg.tie_word_embeddings:
             raise ValueError("tied embeddings are not supported for DeepSeek-V3 (R1 does not tie them)")
         self.cfg, self.comm, self.dtype = cfg, comm or Comm(), dtype
         c = self.comm
         device = torch.device(device)
-        self.model = DeepseekModel(cfg, c, dtype, device)
+        self.placement = load_placement(folder, c.size)
+        self.model = DeepseekModel(cfg, c, dtype, device, self.placement)
         self.vocab_per_rank = -(-cfg.vocab_size // c.size)
         self.lm_head = nn.Module()
         self.lm_head.weight = sharded_param((self.vocab_per_rank, cfg.hidden_size), dtype, device,
                                             rows=shard_range(cfg.vocab_size, c.size, c.rank))
         self.register_buffer("inv_freq", rope_inv_freq(cfg.rope, cfg.qk_rope_head_dim).to(device),
                              persistent=False)
-        self.local_experts = range(0) if not cfg.n_routed_experts else next(
-            l.mlp.local for l in self.model.layers if l.is_moe)
+        self.held = {i: set(l.mlp.local) for i, l in enumerate(self.model.layers) if l.is_moe}  # layer -> experts
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, comm: Comm | None = None, dtype: torch.dtype = torch.float32,
                         device: str = "cpu") -> "DeepseekV3ForCausalLM":
-        model = cls(DeepseekConfig.load(folder), comm, dtype, device)
+        model = cls(DeepseekConfig.load(folder), comm, dtype, device, folder=folder)
         with torch.no_grad():
             model.weight_bytes_read = load_weights(model, folder)
         return model.eval()
@@ -102,7 +106,7 @@ class DeepseekV3ForCausalLM(nn.Module):
     def skip_checkpoint_tensor(self, name: str) -> bool:
         """Other ranks' experts and the MTP module(s) stored after the last layer are never read."""
         m = _EXPERT.match(name)
-        if m and int(m.group(2)) not in self.local_experts:
+        if m and int(m.group(2)) not in self.held.get(int(m.group(1)), ()):
             return True
         m = _LAYER.match(name)
         return bool(m and int(m.group(1)) >= self.cfg.num_hidden_layers) or "rotary_emb" in name
@@ -133,6 +137,10 @@ class DeepseekV3ForCausalLM(nn.Module):
     def expert_load(self) -> torch.Tensor:
         """Routed-token counts [moe_layers, n_routed_experts] since load (identical on every rank)."""
         return torch.stack([l.mlp.tokens_per_expert for l in self.model.layers if l.is_moe]).cpu()
+
+    def computed_pairs(self) -> int:
+        """(token, expert) pairs this rank's experts computed since load, all MoE layers."""
+        return int(sum(l.mlp.computed_pairs for l in self.model.layers if l.is_moe))
 
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.parameters())

@@ -49,14 +49,28 @@ class Router(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: DeepseekConfig, rank: int, world: int, dtype, device=None):
+    def __init__(self, cfg: DeepseekConfig, rank: int, world: int, dtype, device=None,
+                 placement: list[list[int]] | None = None):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.rank = cfg, rank
         E, H, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        if E % world:
-            raise ValueError(f"n_routed_experts {E} must divide by the expert-parallel size {world}")
-        self.local = experts_of_rank(cfg, world, rank)
+        if placement is None:
+            if E % world:
+                raise ValueError(f"n_routed_experts {E} must divide by the expert-parallel size {world}")
+            placement = [list(experts_of_rank(cfg, world, r)) for r in range(world)]
+        if len(placement) != world or sorted({e for h in placement for e in h}) != list(range(E)):
+            raise ValueError("an expert placement must list every expert, for every rank of the group")
+        self.local = sorted(placement[rank])
         n = len(self.local)
+        # replica choice: pair (token t, expert e) runs on owners[e, t % n_rep[e]]
+        reps = [[r for r in range(world) if e in placement[r]] for e in range(E)]
+        width = max(len(o) for o in reps)
+        self.register_buffer("owners", torch.tensor([o + [o[0]] * (width - len(o)) for o in reps],
+                                                    device=device), persistent=False)    # [E, width]
+        self.register_buffer("n_rep", torch.tensor([len(o) for o in reps], device=device), persistent=False)
+        index = torch.full((E,), n, dtype=torch.long)
+        index[self.local] = torch.arange(n)
+        self.register_buffer("local_index", index.to(device), persistent=False)          # [E] -> slot
         self.gate = Router(E, H, device)
         # this rank's experts live in two stacked tensors (one grouped GEMM each on GPU); the
         # per-expert parameters are views into them, named as the checkpoint's keys
@@ -73,6 +87,7 @@ class MoE(nn.Module):
                                if cfg.n_shared_experts else None)
         self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.long, device=device),
                              persistent=False)
+        self.register_buffer("computed_pairs", torch.zeros((), dtype=torch.long, device=device), persistent=False)
         # "grouped": torch grouped GEMM over the stacked experts, no host sync (default on CUDA, bf16);
         # "loop": one GEMM pair per expert that received tokens (default on CPU)
         # (CUDA's grouped GEMM is a bf16 kernel; other dtypes there take the loop)
@@ -100,44 +115,45 @@ class MoE(nn.Module):
         w, ids = self.route(x)
         flat = ids.flatten()                                                  # [N*k]
         self.tokens_per_expert.scatter_add_(0, flat, torch.ones_like(flat))
-        out = (self._grouped if self.impl == "grouped" else self._loop)(x, w.flatten(), flat, ids.shape[1])
+        # slot of each (token, expert) pair in this rank's experts; len(local) = not computed here
+        tok = torch.arange(flat.numel(), device=flat.device) // ids.shape[1]
+        owner = self.owners[flat, tok % self.n_rep[flat]]
+        lid = torch.where(owner == self.rank, self.local_index[flat], len(self.local))
+        self.computed_pairs += (lid < len(self.local)).sum()
+        out = (self._grouped if self.impl == "grouped" else self._loop)(x, w.flatten(), lid, tok)
         if self.shared_experts is not None:
             out += self.shared_experts(x)
         return out
 
-    def _loop(self, x, w, flat, k) -> torch.Tensor:
-        """Group (token, slot) pairs by expert with one sort and one host sync for the counts."""
+    def _loop(self, x, w, lid, tok) -> torch.Tensor:
+        """Group pairs by local expert with one sort and one host sync for the counts."""
         out = torch.zeros_like(x)
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.cfg.n_routed_experts)
-        lo, hi = self.local.start, self.local.stop
-        starts, local_counts = torch.stack([(counts.cumsum(0) - counts)[lo:hi], counts[lo:hi]]).tolist()
-        I = self.cfg.moe_intermediate_size
-        for j, (s, n) in enumerate(zip(starts, local_counts)):
-            if n == 0:
+        n, I = len(self.local), self.cfg.moe_intermediate_size
+        order = lid.argsort(stable=True)
+        counts = torch.bincount(lid, minlength=n + 1)[:n]
+        starts, local_counts = torch.stack([counts.cumsum(0) - counts, counts]).tolist()
+        for j, (s, c) in enumerate(zip(starts, local_counts)):
+            if c == 0:
                 continue
-            pairs = order[s:s + n]                                            # flat (token, slot) ids
-            tok = pairs // k
-            gu = F.linear(x[tok], self.w13[j])                                # [n_e, 2I]
-            ye = F.linear(F.silu(gu[:, :I]) * gu[:, I:], self.w2[j])          # [n_e, H]
-            out.index_add_(0, tok, (ye * w[pairs, None]).to(out.dtype))
+            pairs = order[s:s + c]                                            # flat (token, slot) ids
+            gu = F.linear(x[tok[pairs]], self.w13[j])                         # [c, 2I]
+            ye = F.linear(F.silu(gu[:, :I]) * gu[:, I:], self.w2[j])          # [c, H]
+            out.index_add_(0, tok[pairs], (ye * w[pairs, None]).to(out.dtype))
         return out
 
-    def _grouped(self, x, w, flat, k) -> torch.Tensor:
-        """Pairs routed to other ranks' experts get a sentinel id that sorts last and lies past
-        the last group offset, so the grouped GEMMs skip them; their rows are zeroed before the
-        combine. No host synchronisation (CUDA-graph friendly)."""
+    def _grouped(self, x, w, lid, tok) -> torch.Tensor:
+        """Pairs computed on other ranks carry the sentinel slot len(local), which sorts last and
+        lies past the last group offset, so the grouped GEMMs skip them; their rows are zeroed
+        before the combine. No host synchronisation (CUDA-graph friendly)."""
         n, I = len(self.local), self.cfg.moe_intermediate_size
-        lid = flat - self.local.start
-        lid = torch.where((lid >= 0) & (lid < n), lid, n)
         sid, perm = torch.sort(lid)
         hist_in = sid.float() if x.device.type == "cpu" else sid.int()
         offs = torch.histc(hist_in, bins=n, min=0, max=n - 1).cumsum(0, dtype=torch.int32)
-        tok = perm // k
-        gu = _GROUPED_MM(x[tok], self.w13.transpose(-2, -1), offs=offs)       # [N*k, 2I]
+        t = tok[perm]
+        gu = _GROUPED_MM(x[t], self.w13.transpose(-2, -1), offs=offs)         # [N*k, 2I]
         y = _GROUPED_MM(F.silu(gu[:, :I]) * gu[:, I:], self.w2.transpose(-2, -1), offs=offs)  # [N*k, H]
         y = torch.where((sid < n).unsqueeze(-1), y * w[perm, None].to(y.dtype), 0)
-        return torch.zeros_like(x).index_add_(0, tok, y.to(x.dtype))
+        return torch.zeros_like(x).index_add_(0, t, y.to(x.dtype))
 
 
 def rebind(param: nn.Parameter, view: torch.Tensor) -> nn.Parameter:
