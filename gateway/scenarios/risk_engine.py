@@ -30,6 +30,8 @@ from gateway.scenarios.risk_config import RiskConfig
 from gateway.scenarios.risk_seal import MEMO_LABEL, SESSION_LABEL, open_labeled
 from gateway.service import GatewayService, GenerateInput
 from privlm.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from privlm.telemetry import instruments as I
+from privlm.telemetry.spans import GenerationSpan
 from services.he.keys import RECORD_PER_CIPHERTEXT, BankKeys, KeyMismatch
 from services.he.params import context_id as he_context_id
 
@@ -243,18 +245,18 @@ class RiskEngine:
             links.append(Link(current))            # the stream's RPC span
         session.transactions += 1
         with self.tracer.start_as_current_span("privlm.risk.transaction", context=parent, links=links,
-                                               attributes={"privlm.tenant": session.tenant,
+                                               attributes={I.PRIVLM_TENANT: session.tenant,
                                                            "privlm.risk.session": session.session_id[:12]}) as span:
             try:
                 await self._process(session, tx, emit, parse_memo_context, decided)
             except _TxFailed as exc:
                 session.errors += 1
-                span.set_attribute("privlm.outcome", "client_error" if exc.client else "server_error")
+                span.set_attribute(I.PRIVLM_OUTCOME, "client_error" if exc.client else "server_error")
                 span.set_attribute("error.type", exc.reason)
                 await emit(TxError(tx.transaction_id, exc.code, exc.reason, str(exc)))
             except Exception as exc:  # noqa: BLE001 - a bug must not end every other transaction's stream
                 session.errors += 1
-                span.set_attribute("privlm.outcome", "server_error")
+                span.set_attribute(I.PRIVLM_OUTCOME, "server_error")
                 span.set_attribute("error.type", type(exc).__name__)
                 log.error("risk transaction failed: %s", type(exc).__name__)   # the type only: no data
                 await emit(TxError(tx.transaction_id, "INTERNAL", "internal", "internal error; see the server log"))
@@ -264,7 +266,7 @@ class RiskEngine:
         if tx.memo is not None:
             with self.tracer.start_as_current_span("privlm.risk.memo_open"):
                 memo = await asyncio.to_thread(self._open_memo, session, tx, parse_memo_context)
-        with self.tracer.start_as_current_span("privlm.risk.he_score", attributes={"privlm.he.operation": "score"}):
+        with self.tracer.start_as_current_span("privlm.risk.he_score", attributes={I.PRIVLM_HE_OP: "score"}):
             try:
                 result = await self.he.score(session.tenant, session.context_id, session.model.model_id, tx.features)
             except HEError as exc:
@@ -324,25 +326,35 @@ class RiskEngine:
         inp = GenerateInput(model=self.settings.model, messages=(("system", SYSTEM_PROMPT), ("user", user)),
                             max_new_tokens=session.max_tokens, temperature=0.0, request_id=f"risk-{tx_id}",
                             tenant=session.tenant if session.tenant != "default" else "")
-        with self.tracer.start_as_current_span("privlm.risk.explain",
-                                               attributes={"gen_ai.operation.name": "chat",
-                                                           "gen_ai.request.max_tokens": session.max_tokens}) as span:
-            n = 0
+        with GenerationSpan(self.tracer, model=self.settings.model or self.service.default_model,
+                            request_id=inp.request_id, operation="chat", name="privlm.risk.explain",
+                            max_tokens=session.max_tokens, temperature=0.0) as g:
             try:
                 async for chunk in self.service.generate(inp, timeout=self.settings.generation_timeout_s):
-                    n += len(chunk.token_ids)
+                    g.tokens(len(chunk.token_ids))
                     if chunk.text or chunk.finish:
                         await emit(Explanation(tx_id, chunk.text, chunk.finish is not None))
+                    if chunk.finish:
+                        g.finish(chunk.finish, prompt_tokens=chunk.prompt_tokens,
+                                 completion_tokens=chunk.completion_tokens)
             except Exception as exc:  # noqa: BLE001 - reported per transaction, the session goes on
-                code = getattr(exc, "code", None)
-                name = code().name if callable(code) else type(exc).__name__
-                raise _TxFailed(name if name.isupper() else "UNAVAILABLE", "explanation_failed",
-                                "the model could not write the explanation", False)
-            span.set_attribute("gen_ai.usage.output_tokens", n)
+                code, _ = _status(exc)
+                raise _TxFailed(code, "explanation_failed", "the model could not write the explanation", False)
 
     def end(self, session: Session) -> SessionEnd:
         session.keys = None                      # drop the released secret with the session
         return SessionEnd(session.transactions, session.alerts, session.errors, session.explanations_skipped)
+
+
+def _status(exc: BaseException) -> tuple[str, str]:
+    """(gRPC status name, message) of an exception from the gateway path or a gRPC call."""
+    code = getattr(exc, "code", None)
+    if callable(code):                                   # grpc.aio.AioRpcError
+        return code().name, ""
+    from privlm.errors import status_for
+
+    sc, msg = status_for(exc)
+    return sc.name, msg
 
 
 class _TxFailed(Exception):

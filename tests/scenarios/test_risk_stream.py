@@ -203,6 +203,9 @@ def test_one_trace_per_transaction_across_services_and_no_secrets_in_spans(risk_
               and "Worker/Generate" in s.name]
     assert worker, "the worker's Generate span joins the alert's trace"
     assert "privlm.risk.memo_open" in {s.name for s in spans if s.context.trace_id == alert_trace}
+    explain = next(s for s in spans if s.name == "privlm.risk.explain")
+    assert explain.attributes["gen_ai.usage.output_tokens"] > 0
+    assert explain.attributes["privlm.time_to_first_token_ms"] > 0
     # Parent links: transaction span under the bank's span, HE scoring under the transaction.
     tx_span = next(s for s in spans if s.name == "privlm.risk.transaction" and s.context.trace_id == alert_trace)
     assert tx_span.parent.span_id == roots[alert_trace].context.span_id
