@@ -215,10 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-file", action="append", default=[],
                         help="scoring model JSON (repeatable; the first is the default)")
     parser.add_argument("--config", help="JSON/TOML file with HEServiceConfig keys (flags override it)")
-    tls = parser.add_mutually_exclusive_group()
+    tls = parser.add_mutually_exclusive_group(required=True)
     tls.add_argument("--tls-dir", help="mTLS certificates from `privlm certs --out DIR` (presents he.pem)")
     tls.add_argument("--plaintext-dev", action="store_true",
-                     help="DEVELOPMENT ONLY: plaintext gRPC (also the default without --tls-dir; warns)")
+                     help="DEVELOPMENT ONLY: plaintext gRPC without peer authentication (warns)")
     parser.add_argument("--workers", type=int)
     parser.add_argument("--max-request-bytes", type=int)
     parser.add_argument("--otlp-endpoint", help="export traces to this OTLP/gRPC collector (host:port)")

@@ -59,7 +59,7 @@ def test_main_serves_and_stops_on_sigterm(tmp_path):
 
     model = make_model()
     path = save_model(model, tmp_path / "m.json")
-    proc = subprocess.Popen([sys.executable, "-m", "services.he.server", "--port", "0", "--model-file", str(path)],
+    proc = subprocess.Popen([sys.executable, "-m", "services.he.server", "--port", "0", "--plaintext-dev", "--model-file", str(path)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
@@ -93,7 +93,7 @@ def test_main_rejects_bad_model_file(tmp_path):
     from services.he.server import main
 
     (tmp_path / "bad.json").write_text('{"name": "x"}')
-    assert main(["--port", "0", "--model-file", str(tmp_path / "bad.json")]) == 2
+    assert main(["--port", "0", "--plaintext-dev", "--model-file", str(tmp_path / "bad.json")]) == 2
 
 
 def test_demo_he(capsys):
