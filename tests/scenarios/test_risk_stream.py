@@ -313,3 +313,56 @@ def test_protocol_violations_end_the_call_with_invalid_argument(risk_env, loop_t
 
     err = loop_thread.run(scenario())
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+
+
+def test_authenticated_tenant_binds_the_session(risk_env, loop_thread):
+    """Behind tenant authentication the stream runs as the authenticated tenant: a session sealed for
+    another tenant is refused, a call without credentials is UNAUTHENTICATED."""
+    from enclave.gateway_mount import mount as mount_confidential
+    from gateway.config import GatewayConfig, ModelRoute
+    from gateway.scenarios.risk import RiskConfig, mount_risk_service
+    from gateway.server import create_server
+    from gateway.tenants import TenantConfig, hash_token
+    from privlm.transport import PLAINTEXT_DEV
+
+    stack, _, _, keys = risk_env
+    route = next(iter(stack.service.models.values())).route
+    cfg = GatewayConfig(models=(ModelRoute(route.model_dir, route.worker_target),), transport=PLAINTEXT_DEV,
+                        tenants=(TenantConfig("bank-a", hash_token("token-a")),))
+
+    def extra(server, generate_stream):
+        names = mount_confidential(server, generate_stream, stack.runtime.config, runtime=stack.runtime).names
+        return names + mount_risk_service(server, generate_stream.__self__.service,
+                                          RiskConfig(he_target=stack.he_target), runtime=stack.runtime)
+
+    async def scenario():
+        server, port, service, _ = await create_server(cfg, extra_services=extra)
+        await server.start()
+        target = f"127.0.0.1:{port}"
+        t = transactions(1, seed=2)[0]
+        outcomes = {}
+        try:
+            for name, tenant, metadata in (("ok", "bank-a", (("authorization", "Bearer token-a"),)),
+                                           ("other_tenant", "bank-b", (("authorization", "Bearer token-a"),)),
+                                           ("anonymous", "bank-a", ())):
+                channel = grpc.aio.insecure_channel(target)
+                client = RiskClient(channel, stack.policy, keys, tenant=tenant, metadata=metadata)
+                try:
+                    await client.open(threshold=0.999999)
+                    await client.send("tx-tenant", t.features)
+                    await client.done_writing()
+                    outcomes[name] = [e.WhichOneof("kind") async for _, e in client.events()]
+                except grpc.aio.AioRpcError as exc:
+                    outcomes[name] = exc.code()
+                finally:
+                    await channel.close()
+        finally:
+            await server.stop(1)
+            await server.privlm_risk.close()
+            await service.close()
+        return outcomes
+
+    out = loop_thread.run(scenario())
+    assert out["ok"] == ["decision", "end"]
+    assert out["other_tenant"] == grpc.StatusCode.PERMISSION_DENIED
+    assert out["anonymous"] == grpc.StatusCode.UNAUTHENTICATED
