@@ -107,3 +107,31 @@ def test_bad_inputs():
     with pytest.raises(ConfigError):
         parse_bytes("eighty gigs")
     assert parse_bytes("80GiB") == 80 * GiB and parse_bytes("141GB") == 141 * 10**9
+
+
+def test_r1_rope_and_softmax_scale_match_transformers():
+    """R1's YaRN (factor 40, original 4096, mscale = mscale_all_dim = 1) as transformers computes it."""
+    import math
+
+    import torch
+    from transformers import DeepseekV3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import yarn_apply_mscale
+
+    from services.inference.deepseek.attention import rope_inv_freq
+
+    hf = DeepseekV3Config.from_pretrained(R1)
+    cfg = DeepseekConfig.load(R1)
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](hf)
+    assert torch.allclose(rope_inv_freq(cfg.rope, cfg.qk_rope_head_dim), inv_freq, rtol=1e-6, atol=0)
+    assert cfg.rope.cos_sin_scale == pytest.approx(attention_factor) == 1.0
+    want = yarn_apply_mscale(hf.rope_parameters, (128 + 64) ** -0.5)
+    assert cfg.softmax_scale == pytest.approx(want)
+    assert cfg.softmax_scale == pytest.approx(192 ** -0.5 * (0.1 * math.log(40) + 1) ** 2)
+
+
+def test_privlm_cli_runs_plan(capsys):
+    from privlm.cli import main as cli
+
+    assert cli(["plan", "--config", str(R1), "--gpus", "8", "--gpu-mem", "140GiB"]) == 0
+    assert "max cached tokens 710,645" in capsys.readouterr().out
