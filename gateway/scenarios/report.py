@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="")
     ap.add_argument("--seed", type=int, default=0, help="report generator seed (same seed, same report)")
     ap.add_argument("--max-new-tokens", type=int, default=200)
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                     help="weights dtype of the in-process worker")
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument("--show-report", action="store_true", help="print the report itself to stderr")

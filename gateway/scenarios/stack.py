@@ -35,7 +35,7 @@ class ScenarioStack:
 
     @classmethod
     async def start(cls, model_dir: str | Path, *, risk: bool = False, workdir: str | Path | None = None,
-                    dtype: str = "float32", tracer_provider=None, threads: int | None = None,
+                    dtype: str = "bfloat16", tracer_provider=None, threads: int | None = None,
                     risk_overrides: dict | None = None) -> "ScenarioStack":
         from gateway.config import GatewayConfig, ModelRoute
         from gateway.server import create_server as create_gateway
