@@ -32,7 +32,7 @@ from gateway.service import GatewayService, GenerateInput
 from privlm.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from privlm.telemetry import instruments as I
 from privlm.telemetry.spans import GenerationSpan
-from services.he.keys import RECORD_PER_CIPHERTEXT, BankKeys, KeyMismatch
+from services.he.keys import BankKeys, KeyMismatch
 from services.he.params import context_id as he_context_id
 
 log = logging.getLogger("privlm.risk")

@@ -3,7 +3,6 @@ Confidential + Audit + RiskAlerts mounted, HE service, simulated-TEE confidentia
 TenSEAL CKKS, real HPKE, real gRPC, real OpenTelemetry spans (in-memory exporter)."""
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 
 import grpc
