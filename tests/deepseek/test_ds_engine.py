@@ -50,3 +50,22 @@ def test_engine_serves_deepseek_v3_greedy_equal_to_transformers(tiny, tp):
         assert stats.kv_blocks_free == stats.kv_blocks_total
     finally:
         engine.shutdown()
+
+
+def test_engine_serves_an_fp8_checkpoint(tmp_path):
+    """R1's on-disk format through the engine: FP8 e4m3 + 128x128 weight_scale_inv, dequantized per
+    slice at load; tokens equal transformers on the dequantized copy."""
+    from transformers import DeepseekV3ForCausalLM
+
+    from services.inference.deepseek.fp8 import dequantize_checkpoint, quantize_checkpoint
+
+    build(tmp_path / "src", seed=23, eos_token_id=None)
+    quantize_checkpoint(tmp_path / "src", tmp_path / "fp8")
+    ref = DeepseekV3ForCausalLM.from_pretrained(dequantize_checkpoint(tmp_path / "fp8", tmp_path / "deq")).eval()
+    ps = prompts(2, seed=29)
+    engine = create_engine(EngineConfig(model=str(tmp_path / "fp8"), dtype="float32", num_kv_blocks=64,
+                                        block_size=4, threads=1))
+    try:
+        assert _generate(engine, ps, 8) == [hf_greedy(ref, p, 8) for p in ps]
+    finally:
+        engine.shutdown()
