@@ -120,6 +120,16 @@ def test_sealed_memo_opened_tampered_and_misbound_memos_rejected(risk_env, loop_
     after = stack.runtime.rejections
     assert after["hpke_open_failed"] == before.get("hpke_open_failed", 0) + 1
     assert after["wrong_binding"] == before.get("wrong_binding", 0) + 1
+    # Audited: the key release, the memo opens and the refusals by reason; never the memo text.
+    from enclave.audit.events import AuditEvent
+
+    audit = stack.runtime.audit
+    raw = audit.entries(0, audit.size)
+    events = [AuditEvent.decode(e) for e in raw]
+    assert any(e.kind == "key_released" and e.labels.get("service") == "risk" for e in events)
+    assert any(e.kind == "sealed_request_opened" and e.labels.get("service") == "risk" for e in events)
+    assert any(e.kind == "sealed_request_rejected" and e.labels.get("reason") == "hpke_open_failed" for e in events)
+    assert not any(t[0].memo.encode() in e or b"moved memo" in e for e in raw)
 
 
 def test_released_key_of_another_context_is_refused(risk_env, loop_thread):
