@@ -141,27 +141,10 @@ def _interceptors(tracer_provider):
 
 
 async def _create_he_server(config, tracer_provider):
-    """services.he.server.create_server, plus trace-context interceptors when tracing: that factory
-    takes no interceptors (yet), so compose the same public pieces when a tracer is given."""
+    """services.he.server.create_server with trace-context interceptors when tracing."""
     from services.he import server as he
 
-    if tracer_provider is None:
-        return await he.create_server(config)
-    from privlm.grpcserver import add_health_and_reflection, bind, new_server
-    from privlm.v1 import he_pb2_grpc
-    from services.he.engine import HEEngine
-    from services.he.model import load_model
-
-    engine = HEEngine(config, [load_model(p) for p in config.model_files])
-    servicer = he.HomomorphicPreprocessorServicer(engine, config)
-    server = new_server(_interceptors(tracer_provider)[0], config.transport_max_bytes)
-    he_pb2_grpc.add_HomomorphicPreprocessorServicer_to_server(servicer, server)
-    health = add_health_and_reflection(server, [he.SERVICE_NAME])
-    await health.set(he.SERVICE_NAME, SERVING)
-    await health.set("", SERVING)
-    port = bind(server, config.host, config.port)
-    server.privlm_servicer = servicer
-    return server, port
+    return await he.create_server(config, _interceptors(tracer_provider)[0], tracer_provider)
 
 
 def _audit_pem(runtime) -> str:
