@@ -132,6 +132,9 @@ def build_children(args, model: str, transport) -> list[Child]:
     gport = args.port if args.port else free_port()
     auth = ["--tenants", str(args.tenants)] if args.tenants else ["--allow-anonymous"]
     attest = ["--attestation", args.attestation]
+    hport = free_port()
+    if not args.no_he and args.attestation != "none":
+        attest += ["--he-target", f"127.0.0.1:{hport}"]      # mounts privlm.v1.RiskAlerts
     if args.attestation == "simulated":
         log.warning("SIMULATED attestation: this machine has no TEE; any production policy rejects its evidence")
         attest.append("--allow-simulated")
@@ -139,10 +142,18 @@ def build_children(args, model: str, transport) -> list[Child]:
                                      "--port", str(gport), *auth, *tls, *attest, *telemetry("gateway")], gport)
     children.append(worker)
     if not args.no_he:
-        hport = free_port()
-        children.append(Child("he", py + ["he", "--port", str(hport), *tls, "--otlp-endpoint", otlp], hport))
+        he_model = ["--model-file", str(demo_risk_model(args.log_dir))]
+        children.append(Child("he", py + ["he", "--port", str(hport), *tls, "--otlp-endpoint", otlp, *he_model], hport))
     children.append(gateway)
     return children
+
+
+def demo_risk_model(log_dir: Path) -> Path:
+    """The demo bank's plaintext scoring model (weights are server configuration, not secrets)."""
+    from gateway.scenarios.risk_data import DEMO_MODEL_SEED, train_model
+    from services.he.model import save_model
+
+    return Path(save_model(train_model(seed=DEMO_MODEL_SEED), log_dir / "risk-model.json"))
 
 
 def dev_tenants(log_dir: Path) -> Path:
@@ -247,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         except ModuleNotFoundError:
             log.warning("HE service not available in this build: starting without it")
             args.no_he = True
-    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="privlm-up-"))
+    log_dir = args.log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="privlm-up-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     if not args.tenants and not args.allow_anonymous:
         args.tenants = dev_tenants(log_dir)

@@ -270,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
 
     add_target_args(ap)     # without --target: worker, gateway, HE service, enclave runtime in-process
     ap.add_argument("--policy", default="", help="attestation policy file to pin (required with --target)")
+    ap.add_argument("--tenant", default="dev", help="with --target: the tenant your token authenticates as")
     ap.add_argument("--transactions", type=int, default=20)
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--threshold", type=float, default=0.8)

@@ -25,7 +25,7 @@ async def run_demo(args) -> int:
 
         policy = load_policy(args.policy)
         channel, metadata = open_target(args)
-        target = args.target
+        target, tenant = args.target, args.tenant
     else:
         from gateway.scenarios.stack import ScenarioStack
         from privlm.model_prep import prepare
@@ -35,12 +35,12 @@ async def run_demo(args) -> int:
         stack = await ScenarioStack.start(prepare(log=lambda *a: None), risk=True)
         import grpc
 
-        policy, metadata, target = stack.policy, (), stack.target
+        policy, metadata, target, tenant = stack.policy, (), stack.target, ""
         channel = grpc.aio.insecure_channel(target)
     try:
         txs = transactions(args.transactions, seed=args.seed)
         keys = await asyncio.to_thread(BankKeys.generate, 1, len(txs[0].features))
-        client = RiskClient(channel, policy, keys, metadata=metadata)
+        client = RiskClient(channel, policy, keys, tenant=tenant, metadata=metadata)
         opened = await client.open(threshold=args.threshold, explanation_max_tokens=args.max_new_tokens)
         print(f"attested {target} ({client.verified.claims.tee_type}"
               f"{', SIMULATED: no hardware protection' if client.verified.claims.simulated else ''}); "
