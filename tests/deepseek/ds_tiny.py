@@ -66,7 +66,7 @@ def set_moe_impl(model, impl: str) -> None:
 
 
 def ep_worker(rank: int, world: int, store: str, folder: str, prompts_: list[list[int]], n: int,
-              out_dir: str, impl: str = "loop") -> None:
+              out_dir: str, impl: str = "loop", keep_fp8: bool = False) -> None:
     """One rank of a real gloo group: load own slices/experts, generate, save results per rank."""
     import torch.distributed as dist
 
@@ -76,7 +76,7 @@ def ep_worker(rank: int, world: int, store: str, folder: str, prompts_: list[lis
 
     torch.set_num_threads(1)
     comm = Comm.create(dist.FileStore(store, world), rank, world, "cpu")
-    model = DeepseekV3ForCausalLM.from_pretrained(folder, comm)
+    model = DeepseekV3ForCausalLM.from_pretrained(folder, comm, keep_fp8=keep_fp8)
     set_moe_impl(model, impl)
     tokens = greedy(model, prompts_, n)
     logits = forward_last(model, torch.tensor(prompts_[0]))

@@ -80,16 +80,44 @@ def test_fp8_checkpoint_has_r1_layout_and_loads_like_its_dequantized_reference(t
     assert model.weight_bytes_read < 0.45 * DeepseekV3.from_pretrained(src).weight_bytes_read
 
 
+def test_fp8_weights_can_stay_fp8_in_memory(tmp_path):
+    """keep_fp8: linear weights stay float8 (1 byte) and are dequantized per call; same tokens."""
+    _, _, fp8, deq = _fp8_folders(tmp_path)
+    reference = DeepseekV3ForCausalLM.from_pretrained(deq).eval()
+    kept = DeepseekV3.from_pretrained(fp8, keep_fp8=True)
+    loaded = DeepseekV3.from_pretrained(fp8)
+    assert kept.model.layers[2].mlp.w13.dtype == FP8
+    assert kept.model.layers[0].self_attn.q_b_proj.weight.dtype == FP8
+    ps = prompts(2, seed=31)
+    assert greedy(kept, ps, 8) == [hf_greedy(reference, p, 8) for p in ps]
+    ids = torch.tensor(ps[0])
+    assert torch.allclose(forward_last(kept, ids), forward_last(loaded, ids), atol=1e-5, rtol=1e-5)
+    # linears at 1 byte + block scales vs 4 bytes: the tiny model's fp32 embeddings/norms remain
+    assert kept.weight_bytes() < 0.45 * loaded.weight_bytes()
+
+
 @pytest.mark.slow
 def test_fp8_checkpoint_two_ranks_unaligned_tp_slices(tmp_path):
     """At 2 ranks q_b_proj/kv_b_proj split at row 96/128 and dense MLP columns at 256: block scales
-    are sliced with an offset; tokens still equal the dequantized reference's generate(). The MoE
-    runs the grouped-GEMM path (sentinel ids for the other rank's experts)."""
+    are sliced with an offset. Weights stay FP8 in memory (keep_fp8), so every matmul dequantizes
+    the rank's slice with offset scales; tokens still equal the dequantized reference's generate()."""
     _, _, fp8, deq = _fp8_folders(tmp_path)
     reference = DeepseekV3ForCausalLM.from_pretrained(deq).eval()
     ps = prompts(2, seed=9)
-    mp.start_processes(ep_worker, args=(2, str(tmp_path / "store"), str(fp8), ps, 8, str(tmp_path), "grouped"),
+    mp.start_processes(ep_worker, args=(2, str(tmp_path / "store"), str(fp8), ps, 8, str(tmp_path), "loop", True),
                        nprocs=2, join=True, start_method="spawn")
     want = [hf_greedy(reference, p, 8) for p in ps]
     for r in range(2):
         assert torch.load(tmp_path / f"rank{r}.pt")["tokens"] == want
+
+
+def test_plan_byte_accounting_equals_what_the_loader_holds(tmp_path):
+    """`privlm plan`'s per-rank bytes are those of the real model: FP8 kept (keep_fp8) and bf16."""
+    from services.inference.deepseek.config import DeepseekConfig
+    from services.inference.deepseek.plan import make_plan
+
+    _, _, fp8, _ = _fp8_folders(tmp_path)
+    cfg = DeepseekConfig.load(fp8)
+    for keep, dtype in ((True, "fp8"), (False, "bf16")):
+        model = DeepseekV3.from_pretrained(fp8, dtype=torch.bfloat16, keep_fp8=keep)
+        assert model.weight_bytes() == make_plan(cfg, 1, 2**30, dtype).weight_bytes_per_rank

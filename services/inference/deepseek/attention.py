@@ -85,7 +85,7 @@ class MLAttention(nn.Module):
         b = cfg.fp8_block
 
         def lin(o, i, rows=None, cols=None):
-            return Linear(o, i, dtype, device, rows, cols, b)
+            return Linear(o, i, dtype, device, rows, cols, b, cfg.keep_fp8)
         if cfg.q_lora_rank:
             self.q_a_proj = lin(cfg.q_lora_rank, H)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6, dtype, device)
@@ -116,7 +116,7 @@ class MLAttention(nn.Module):
                          apply_rope(ckv[:, kvl:], cos, sin, c.rope_interleave)], dim=-1)  # [N, kvl+rope]
         cache.index_copy_(0, meta.slot_mapping, new.to(cache.dtype))
 
-        w_kv = self.kv_b_proj.weight.view(self.h, nope + c.v_head_dim, kvl)  # [h, nope+v, kvl]
+        w_kv = self.kv_b_proj.dense_weight().view(self.h, nope + c.v_head_dim, kvl)  # [h, nope+v, kvl]
         outs = []
         B = meta.num_decode
         if B:

@@ -72,6 +72,7 @@ class DeepseekConfig:
     eos_token_ids: tuple[int, ...] = (1,)
     fp8_block: tuple[int, int] | None = None  # (128, 128) for R1's FP8 checkpoints
     moe_layer_freq: int = 1
+    keep_fp8: bool = False                  # serving choice, not from config.json: FP8 weights stay FP8
 
     @property
     def qk_head_dim(self) -> int:

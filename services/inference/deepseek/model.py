@@ -10,6 +10,7 @@ each; two all-reduces per layer (after o_proj, after the MoE/MLP).
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -41,7 +42,7 @@ class DecoderLayer(nn.Module):
         self.is_moe = cfg.is_moe_layer(i)
         self.mlp = (MoE(cfg, comm.rank, comm.size, dtype, device, placement) if self.is_moe
                     else DenseMLP(cfg.hidden_size, cfg.intermediate_size, comm.rank, comm.size, dtype, device,
-                                  cfg.fp8_block))
+                                  cfg.fp8_block, cfg.keep_fp8))
         self.comm = comm
 
     def forward(self, h, cos, sin, meta, cache):
@@ -73,11 +74,14 @@ class DeepseekModel(nn.Module):
 
 class DeepseekV3ForCausalLM(nn.Module):
     def __init__(self, hf_config, comm: Comm | None = None, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", max_pos: int | None = None, folder: str | Path | None = None):
+                 device: torch.device | str = "cpu", max_pos: int | None = None, folder: str | Path | None = None,
+                 keep_fp8: bool = False):
         """hf_config: a transformers config (the engine's call) or a DeepseekConfig. An expert
-        placement (balance.py) is read from the model folder when one is there."""
+        placement (balance.py) is read from the model folder when one is there. keep_fp8: an FP8
+        checkpoint's linear weights stay FP8 in memory (weight-only FP8, see weights.Linear)."""
         super().__init__()
         cfg = hf_config if isinstance(hf_config, DeepseekConfig) else DeepseekConfig.from_dict(hf_config.to_dict())
+        cfg = dataclasses.replace(cfg, keep_fp8=bool(keep_fp8 and cfg.fp8_block))
         folder = folder or getattr(hf_config, "_name_or_path", None)
         if cfg.tie_word_embeddings:
             raise ValueError("tied embeddings are not supported for DeepSeek-V3 (R1 does not tie them)")
@@ -96,8 +100,8 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, comm: Comm | None = None, dtype: torch.dtype = torch.float32,
-                        device: str = "cpu") -> "DeepseekV3ForCausalLM":
-        model = cls(DeepseekConfig.load(folder), comm, dtype, device, folder=folder)
+                        device: str = "cpu", keep_fp8: bool = False) -> "DeepseekV3ForCausalLM":
+        model = cls(DeepseekConfig.load(folder), comm, dtype, device, folder=folder, keep_fp8=keep_fp8)
         with torch.no_grad():
             model.weight_bytes_read = load_weights(model, folder)
         return model.eval()

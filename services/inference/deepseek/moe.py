@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DeepseekConfig
+from .fp8 import FP8
 from .params import experts_of_rank, shard_range
 from .weights import Linear, sharded_param
 
@@ -27,13 +28,14 @@ from .weights import Linear, sharded_param
 class DenseMLP(nn.Module):
     """SwiGLU, column/row parallel over tp ranks; returns the partial down projection."""
 
-    def __init__(self, hidden: int, inter: int, tp_rank: int, tp: int, dtype, device=None, block=None):
+    def __init__(self, hidden: int, inter: int, tp_rank: int, tp: int, dtype, device=None, block=None,
+                 keep_fp8: bool = False):
         super().__init__()
         cols = shard_range(inter, tp, tp_rank)
         n = cols[1] - cols[0]
-        self.gate_proj = Linear(n, hidden, dtype, device, rows=cols, block=block)
-        self.up_proj = Linear(n, hidden, dtype, device, rows=cols, block=block)
-        self.down_proj = Linear(hidden, n, dtype, device, cols=cols, block=block)
+        self.gate_proj = Linear(n, hidden, dtype, device, rows=cols, block=block, keep_fp8=keep_fp8)
+        self.up_proj = Linear(n, hidden, dtype, device, rows=cols, block=block, keep_fp8=keep_fp8)
+        self.down_proj = Linear(hidden, n, dtype, device, cols=cols, block=block, keep_fp8=keep_fp8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -74,16 +76,18 @@ class MoE(nn.Module):
         self.gate = Router(E, H, device)
         # this rank's experts live in two stacked tensors (one grouped GEMM each on GPU); the
         # per-expert parameters are views into them, named as the checkpoint's keys
-        self.register_buffer("w13", torch.zeros(n, 2 * I, H, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("w2", torch.zeros(n, H, I, dtype=dtype, device=device), persistent=False)
+        fp8 = cfg.keep_fp8 and cfg.fp8_block is not None
+        wdt = FP8 if fp8 else dtype
+        self.register_buffer("w13", torch.zeros(n, 2 * I, H, dtype=wdt, device=device), persistent=False)
+        self.register_buffer("w2", torch.zeros(n, H, I, dtype=wdt, device=device), persistent=False)
         self.experts = nn.ModuleDict()
         for j, e in enumerate(self.local):
-            mlp = DenseMLP(H, I, 0, 1, dtype, device, cfg.fp8_block)
+            mlp = DenseMLP(H, I, 0, 1, dtype, device, cfg.fp8_block, fp8)
             for lin, view in ((mlp.gate_proj, self.w13[j, :I]), (mlp.up_proj, self.w13[j, I:]),
                               (mlp.down_proj, self.w2[j])):
                 lin.weight = rebind(lin.weight, view)
             self.experts[str(e)] = mlp
-        self.shared_experts = (DenseMLP(H, I * cfg.n_shared_experts, rank, world, dtype, device, cfg.fp8_block)
+        self.shared_experts = (DenseMLP(H, I * cfg.n_shared_experts, rank, world, dtype, device, cfg.fp8_block, fp8)
                                if cfg.n_shared_experts else None)
         self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.long, device=device),
                              persistent=False)
@@ -92,7 +96,7 @@ class MoE(nn.Module):
         # "loop": one GEMM pair per expert that received tokens (default on CPU)
         # (CUDA's grouped GEMM is a bf16 kernel; other dtypes there take the loop)
         cuda = torch.device(device or "cpu").type == "cuda"
-        self.impl = "grouped" if (cuda and _GROUPED_MM and dtype == torch.bfloat16) else "loop"
+        self.impl = "grouped" if (cuda and _GROUPED_MM and dtype == torch.bfloat16 and not fp8) else "loop"
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [N, H] -> (weights [N, k] float32, expert ids [N, k])."""
@@ -136,8 +140,11 @@ class MoE(nn.Module):
             if c == 0:
                 continue
             pairs = order[s:s + c]                                            # flat (token, slot) ids
-            gu = F.linear(x[tok[pairs]], self.w13[j])                         # [c, 2I]
-            ye = F.linear(F.silu(gu[:, :I]) * gu[:, I:], self.w2[j])          # [c, H]
+            if self.w13.dtype == FP8:                                         # weight-only FP8
+                ye = self.experts[str(self.local[j])](x[tok[pairs]])
+            else:
+                gu = F.linear(x[tok[pairs]], self.w13[j])                     # [c, 2I]
+                ye = F.linear(F.silu(gu[:, :I]) * gu[:, I:], self.w2[j])      # [c, H]
             out.index_add_(0, tok[pairs], (ye * w[pairs, None]).to(out.dtype))
         return out
 

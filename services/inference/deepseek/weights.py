@@ -45,6 +45,8 @@ def _load(param: nn.Parameter, src, shard_id=None) -> None:
             param.loaded = True
             return
         raise ValueError(f"shape mismatch: checkpoint slice {list(t.shape)} vs parameter {list(param.shape)}")
+    if getattr(param, "keep_fp8", False) and t.dtype != FP8:
+        raise ValueError("keep_fp8 needs an FP8 checkpoint tensor, got " + str(t.dtype))
     param.data.copy_(t)                      # float8 -> bf16/f32 is exact
     param.raw_fp8 = t.dtype == FP8
     param.loaded = True
@@ -52,12 +54,19 @@ def _load(param: nn.Parameter, src, shard_id=None) -> None:
 
 
 class Linear(nn.Module):
-    """y = x W^T for W[rows, cols] of the checkpoint; with `block`, also weight_scale_inv."""
+    """y = x W^T for W[rows, cols] of the checkpoint; with `block`, also weight_scale_inv.
+
+    keep_fp8 (FP8 checkpoints): W stays float8_e4m3fn in memory (1 byte per weight) and is
+    dequantized per call into the compute dtype (weight-only FP8: half of bf16's memory, not FP8
+    tensor-core math)."""
 
     def __init__(self, out_f: int, in_f: int, dtype, device, rows=None, cols=None,
-                 block: tuple[int, int] | None = None):
+                 block: tuple[int, int] | None = None, keep_fp8: bool = False):
         super().__init__()
-        self.weight = sharded_param((out_f, in_f), dtype, device, rows, cols)
+        keep_fp8 = keep_fp8 and block is not None
+        self.compute_dtype = dtype
+        self.weight = sharded_param((out_f, in_f), FP8 if keep_fp8 else dtype, device, rows, cols)
+        self.weight.keep_fp8 = keep_fp8
         if block is not None:
             r = block_range(*(rows or (0, out_f)), block[0])
             c = block_range(*(cols or (0, in_f)), block[1])
@@ -67,8 +76,16 @@ class Linear(nn.Module):
             s.weight_loader = _load_scale
             self.weight_scale_inv = s
 
+    def dense_weight(self) -> torch.Tensor:
+        """W in the compute dtype ([out, in]); dequantized on the fly when kept in FP8."""
+        w = self.weight
+        if w.dtype != FP8:
+            return w
+        return dequant_slice(w, self.weight_scale_inv, (w.rows or (0, 0))[0], (w.cols or (0, 0))[0],
+                             w.block, self.compute_dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, self.weight)
+        return torch.nn.functional.linear(x, self.dense_weight())
 
 
 def _load_scale(param: nn.Parameter, src, shard_id=None) -> None:
@@ -79,9 +96,10 @@ def _load_scale(param: nn.Parameter, src, shard_id=None) -> None:
 
 def _maybe_dequant(w: nn.Parameter) -> None:
     s = w.partner
-    if s is None or not (w.loaded and s.loaded and w.raw_fp8):
+    if s is None or getattr(w, "keep_fp8", False) or not (w.loaded and s.loaded and w.raw_fp8):
         return
     r0 = (w.rows or (0, 0))[0]
     c0 = (w.cols or (0, 0))[0]
     w.data.copy_(dequant_slice(w.data, s.data, r0, c0, w.block, w.dtype))
     w.raw_fp8 = False
+    s.data = torch.empty(0, device=s.device)     # the scales are folded in: free them
