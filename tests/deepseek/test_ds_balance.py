@@ -8,8 +8,8 @@ import torch
 import torch.multiprocessing as mp
 
 from ds_tiny import build, ep_worker, hf_greedy, prompts
-from services.inference.deepseek.balance import (contiguous, max_over_mean, plan_placement, rank_loads,
-                                                 save_placement)
+from services.inference.deepseek.balance import (contiguous, max_over_mean, placement_from_load,
+                                                 plan_placement, rank_loads, save_placement)
 from services.inference.deepseek.generate import greedy
 from services.inference.deepseek.model import DeepseekV3ForCausalLM
 
@@ -41,7 +41,7 @@ def test_two_ranks_with_replicated_experts_equal_transformers(tmp_path):
     want = greedy(single, ps, 8)
     assert want == [hf_greedy(ref, p, 8) for p in ps]
     load = single.expert_load()                                       # [3 moe layers, 8]
-    per_layer = {i: plan_placement(load[j], ep=2, extra=2) for j, i in enumerate(sorted(single.held))}
+    per_layer = placement_from_load(load, sorted(single.held), ep=2, extra=2)
     save_placement(folder, per_layer)
     out = tmp_path / "out"
     out.mkdir()

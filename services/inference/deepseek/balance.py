@@ -54,6 +54,12 @@ def plan_placement(counts: list[float] | torch.Tensor, ep: int, extra: int = 1) 
     return [sorted(h) for h in held]
 
 
+def placement_from_load(expert_load: torch.Tensor, moe_layers: list[int], ep: int,
+                        extra: int = 1) -> dict[int, list[list[int]]]:
+    """model.expert_load() [moe layers, E] (rows in layer order) -> {layer: placement}."""
+    return {layer: plan_placement(expert_load[j], ep, extra) for j, layer in enumerate(moe_layers)}
+
+
 def rank_loads(counts: list[float] | torch.Tensor, placement: list[list[int]]) -> list[float]:
     """Tokens each rank computes under `placement` (replicas split an expert's tokens evenly)."""
     counts = [float(c) for c in counts]
