@@ -158,11 +158,11 @@ class GatewayService:
     async def generate(self, inp: GenerateInput, timeout: float | None = None) -> AsyncIterator[Chunk]:
         """Stream text chunks; the last one has `finish` and usage. Closing early cancels the worker."""
         handle, ids, (max_new, temperature, top_p, top_k) = self.prepare(inp)
-        request_id = f"{inp.request_id or 'req'}-{uuid.uuid4().hex[:12]}"
+        # Unique in the worker group whatever the caller sends; the tenant prefix keeps work attributable.
+        request_id = f"{inp.tenant or 'anon'}/{inp.request_id or 'req'}-{uuid.uuid4().hex[:12]}"
         detok = IncrementalDetokenizer(handle.tokenizer.core)
         stops = StopMatcher(inp.stop)
         completion = 0
-        request_id = f"{inp.tenant or 'anon'}/{request_id}"
         stream = handle.worker.generate(request_id, ids, max_new, temperature, top_p, top_k, inp.seed,
                                         inp.tenant, timeout)
         # The business span is current while the worker is called, so the worker's RPC is its child.
