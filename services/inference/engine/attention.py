@@ -1,9 +1,10 @@
 """Paged attention over a flat KV cache in plain torch (SDPA), for mixed decode + prefill steps.
 
 A step's tokens are laid out flat: first one token per decoding sequence, then each prefill
-chunk. The KV cache of one layer is [num_slots, 2, kv_heads, head_dim] with slot =
-block_id * block_size + offset; `AttnMetadata` carries the slot indices so that every layer reuses
-the same index tensors (built once per step by the runner).
+chunk. The KV cache of one layer is head-major, [2 * kv_heads, num_slots, head_dim] (K heads then
+V heads), with slot = block_id * block_size + offset, so a gathered context is already
+[heads, tokens, head_dim] for the matmuls (no transposing copies). `AttnMetadata` carries the slot
+indices so that every layer reuses the same index tensors (built once per step by the runner).
 """
 from __future__ import annotations
 
@@ -39,11 +40,12 @@ class AttnMetadata:
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
                     meta: AttnMetadata, scale: float) -> torch.Tensor:
-    """q: [N, Hq, D], k/v: [N, Hkv, D], cache: [slots, 2, Hkv, D] -> out [N, Hq * D].
+    """q: [N, Hq, D], k/v: [N, Hkv, D], cache: [2 * Hkv, slots, D] -> out [N, Hq * D].
 
     Writes the new k/v into the cache, then attends each token to its sequence's context."""
     n, hq, d = q.shape
-    cache.index_copy_(0, meta.slot_mapping, torch.stack((k, v), dim=1))
+    hkv = k.shape[1]
+    cache.index_copy_(1, meta.slot_mapping, torch.cat((k, v), dim=1).transpose(0, 1))
     outs = []
     b = meta.num_decode
     if b:
@@ -56,29 +58,54 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
             vv = v[p.q_start:p.q_end].transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(qp, kk, vv, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            kv = cache[p.ctx_slots]                         # [L, 2, Hkv, D]
-            kk = kv[:, 0].transpose(0, 1).unsqueeze(0)      # [1, Hkv, L, D]
-            vv = kv[:, 1].transpose(0, 1).unsqueeze(0)
-            o = F.scaled_dot_product_attention(qp, kk, vv, attn_mask=p.mask, scale=scale, enable_gqa=True)
+            kv = cache.index_select(1, p.ctx_slots)         # [2 Hkv, L, D]
+            o = F.scaled_dot_product_attention(qp, kv[:hkv].unsqueeze(0), kv[hkv:].unsqueeze(0),
+                                               attn_mask=p.mask, scale=scale, enable_gqa=True)
         outs.append(o[0].transpose(0, 1).reshape(t, hq * d))  # [T, Hq * D]
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+
+class _SingleThread:
+    """Run a block of tiny ops without the intra-op thread pool: waking pool threads costs more than
+    the work itself for single-query attention (CPU only)."""
+
+    def __init__(self, on: bool):
+        self.on, self.n = on, 1
+
+    def __enter__(self):
+        if self.on:
+            self.n = torch.get_num_threads()
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        if self.on:
+            torch.set_num_threads(self.n)
 
 
 def decode_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttnMetadata, scale: float) -> torch.Tensor:
     """One query per sequence: q [B, Hq, D] -> [B, Hq * D].
 
-    Plain matmul + softmax is several times cheaper than SDPA for a single query on CPU; grouped
-    query heads are handled by viewing q as [B, Hkv, G, D] (no KV head repetition)."""
+    Plain matmul + softmax is several times cheaper than SDPA for a single query on CPU. Grouped
+    query heads: q is viewed as [Hkv, B, G, D] against K [Hkv, B, L, D] (no KV head repetition).
+    On CPU a small context runs on one thread (waking the pool costs more than the work), in fp32
+    at batch 1 (the fast small-GEMM path there)."""
     b, hq, d = q.shape
-    hkv = cache.shape[2]
-    if meta.decode_range is not None:
-        a, e = meta.decode_range
-        kv = cache[a:e].unsqueeze(0)                            # [1, L, 2, Hkv, D] (a view)
-    else:
-        kv = cache.view(cache.shape[0], -1).index_select(0, meta.decode_slots)
-        kv = kv.view(b, meta.decode_len, 2, hkv, d)             # [B, L, 2, Hkv, D]
-    k = kv[:, :, 0].permute(0, 2, 3, 1)                         # [B, Hkv, D, L]
-    v = kv[:, :, 1].transpose(1, 2)                             # [B, Hkv, L, D]
-    s = torch.matmul(q.view(b, hkv, hq // hkv, d), k)           # [B, Hkv, G, L]
-    p = ops.attn_softmax(s, scale, meta.decode_mask, q.dtype)
-    return torch.matmul(p, v).view(b, hq * d)                   # [B, Hkv, G, D] -> [B, Hq * D]
+    hkv = cache.shape[0] // 2
+    lctx = meta.decode_len
+    cpu = q.device.type == "cpu"
+    with _SingleThread(cpu and b * lctx <= 8192):
+        if meta.decode_range is not None:
+            a, e = meta.decode_range
+            kv = cache[:, a:e]                                  # [2 Hkv, L, D] (a view, B == 1)
+        else:
+            kv = cache.index_select(1, meta.decode_slots)       # [2 Hkv, B * L, D]
+        qq = q.view(b, hkv, hq // hkv, d).transpose(0, 1)      # [Hkv, B, G, D]
+        if cpu and b == 1:
+            kv, qq = kv.float(), qq.float()
+        k = kv[:hkv].view(hkv, b, lctx, d) if b > 1 else kv[:hkv].unsqueeze(1)   # [Hkv, B, L, D]
+        v = kv[hkv:].view(hkv, b, lctx, d) if b > 1 else kv[hkv:].unsqueeze(1)
+        s = torch.matmul(qq, k.transpose(-1, -2))               # [Hkv, B, G, L]
+        mask = None if meta.decode_mask is None else meta.decode_mask.view(1, b, 1, lctx)
+        p = ops.attn_softmax(s, scale, mask, qq.dtype)
+        o = torch.matmul(p, v)                                  # [Hkv, B, G, D]
+        return o.transpose(0, 1).reshape(b, hq * d).to(q.dtype)

@@ -94,6 +94,8 @@ def start_local_group(config: EngineConfig) -> tuple[Comm, LocalGroup]:
         env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(config.tp), LOCAL_RANK=str(r),
                    LOCAL_WORLD_SIZE=str(config.tp), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port),
                    OMP_NUM_THREADS=str(threads),
+                   # ranks share this host's cores: spinning OpenMP waits cost a timeslice per op
+                   OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
                    PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
         procs.append(subprocess.Popen([sys.executable, "-m", "services.inference.engine.follower", cfg],
                                       env=env, cwd=str(REPO_ROOT)))

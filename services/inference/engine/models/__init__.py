@@ -2,7 +2,9 @@
 
 A model class is built as cls(hf_config, comm, dtype, device, max_pos) and provides:
   packed_modules_mapping            checkpoint sub-name -> (fused parameter sub-name, shard id)
-  kv_cache_spec() -> (layers, per-slot shape)   the runner allocates [layers, slots, *shape]
+  kv_cache_spec() -> (layers, per-slot shape)   sizes the cache (bytes per block)
+  allocate_kv_cache(slots, dtype, device)        optional: the cache tensor, first dim = layers
+                                                 (default: zeros [layers, slots, *per-slot shape])
   forward(input_ids [N], positions [N], meta: AttnMetadata, caches) -> hidden [N, H]
   compute_logits(hidden [S, H]) -> logits [S, vocab] on rank 0 (None on other ranks)
   skip_checkpoint_tensor(name) -> bool

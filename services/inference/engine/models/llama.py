@@ -114,8 +114,14 @@ class LlamaForCausalLM(nn.Module):
         attn = self.model.layers[0].self_attn
         return len(self.model.layers), (2, attn.hkv, attn.head_dim)
 
+    def allocate_kv_cache(self, num_slots: int, dtype, device) -> torch.Tensor:
+        """[layers, 2 * Hkv, slots, D]: head-major, so gathered context feeds matmuls directly."""
+        attn = self.model.layers[0].self_attn
+        return torch.zeros((len(self.model.layers), 2 * attn.hkv, num_slots, attn.head_dim), dtype=dtype,
+                           device=device)
+
     def forward(self, input_ids, positions, meta: AttnMetadata, caches):
-        # input_ids, positions: [N]; caches: [layers, slots, 2, Hkv, D] -> hidden [N, hidden]
+        # input_ids, positions: [N]; caches: [layers, 2 * Hkv, slots, D] -> hidden [N, hidden]
         cos, sin = self.rope.tables(positions)
         residual = self.model.embed_tokens(input_ids)
         x = None
