@@ -26,6 +26,8 @@ class EngineConfig:
     max_model_len: int | None = None        # None: the model's context window
     threads: int | None = None              # torch threads per rank; None: cores / tp
     prefill_chunk: int | None = None        # max prefill tokens of one sequence per step; None: the budget
+    long_prefill_threshold: int | None = None  # prompts with more tokens left than this are chunked at
+                                            # prefill_chunk, shorter ones go whole; None: prefill_chunk
     rank_timeout_s: float = 60.0            # collective / rendezvous timeout between ranks
     load_format: str = "safetensors"        # "dummy": random weights of the right shapes (benchmarks)
     cuda_graphs: bool = True                # CUDA only: replay captured graphs for pure-decode steps

@@ -132,3 +132,12 @@ def test_new_arrival_defers_long_prefill_once():
     s.add(seq(2, 5))                       # another arrival: the long prompt is not deferred twice
     plan, _ = run_step(s)
     assert sorted(c.seq_id for c in plan.chunks) == [0, 1, 2]
+
+
+def test_long_prefill_threshold_keeps_short_prompts_whole():
+    s = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=64, prefill_chunk=8,
+                  long_prefill_threshold=24)
+    s.add(seq(0, 100))                     # long: 8-token chunks
+    s.add(seq(1, 20))                      # short (<= 24): whole in its first step
+    plan, _ = run_step(s)
+    assert [len(c.token_ids) for c in plan.chunks] == [8, 20]

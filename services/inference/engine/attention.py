@@ -23,6 +23,7 @@ class PrefillMeta:
     start_pos: int                        # position of the chunk's first token
     ctx_slots: torch.Tensor | None        # [L] slots of positions 0..start_pos+T-1 (None if start_pos == 0)
     mask: torch.Tensor | None             # [T, L] bool, True = may attend (None if start_pos == 0)
+    ctx_range: tuple[int, int] | None = None  # the context's slots are contiguous: cache[:, a:b], no gather
 
 
 @dataclass
@@ -34,6 +35,10 @@ class AttnMetadata:
     decode_range: tuple[int, int] | None = None  # B == 1 with contiguous slots: cache[a:b], no gather
     decode_mask: torch.Tensor | None = None    # [B, 1, 1, Lmax] additive float mask (0 / -inf), None
                                                # when all lengths are equal
+    block_size: int = 0
+    decode_blocks: torch.Tensor | None = None  # [B * nblk] block ids (padded with a zero block): a
+                                               # block-granular gather, 16x fewer index ops than slots
+    decode_block_mask: torch.Tensor | None = None  # [B, 1, 1, nblk * block_size] additive
     prefills: list[PrefillMeta] = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # per-step tensors a model wants to share across layers
 
@@ -58,7 +63,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
             vv = v[p.q_start:p.q_end].transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(qp, kk, vv, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            kv = cache.index_select(1, p.ctx_slots)         # [2 Hkv, L, D]
+            if p.ctx_range is not None:
+                kv = cache[:, p.ctx_range[0]:p.ctx_range[1]]    # [2 Hkv, L, D] (a view)
+            else:
+                kv = cache.index_select(1, p.ctx_slots)     # [2 Hkv, L, D]
             o = F.scaled_dot_product_attention(qp, kv[:hkv].unsqueeze(0), kv[hkv:].unsqueeze(0),
                                                attn_mask=p.mask, scale=scale, enable_gqa=True)
         outs.append(o[0].transpose(0, 1).reshape(t, hq * d))  # [T, Hq * D]
@@ -93,19 +101,26 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttnMetadata, s
     hkv = cache.shape[0] // 2
     lctx = meta.decode_len
     cpu = q.device.type == "cpu"
+    mask = meta.decode_mask
+    if meta.decode_range is not None:
+        a, e = meta.decode_range
+        kv = cache[:, a:e]                                      # [2 Hkv, L, D] (a view, B == 1)
+    elif meta.decode_blocks is not None:                        # gather: memory-bound, all threads
+        bs = meta.block_size
+        kv = cache.view(2 * hkv, -1, bs * d).index_select(1, meta.decode_blocks)  # [2 Hkv, B * nblk, bs * D]
+        lctx = kv.shape[1] // b * bs
+        kv = kv.view(2 * hkv, b * lctx, d)
+        mask = meta.decode_block_mask
+    else:
+        kv = cache.index_select(1, meta.decode_slots)           # [2 Hkv, B * L, D]
     with _SingleThread(cpu and b * lctx <= 8192):
-        if meta.decode_range is not None:
-            a, e = meta.decode_range
-            kv = cache[:, a:e]                                  # [2 Hkv, L, D] (a view, B == 1)
-        else:
-            kv = cache.index_select(1, meta.decode_slots)       # [2 Hkv, B * L, D]
         qq = q.view(b, hkv, hq // hkv, d).transpose(0, 1)      # [Hkv, B, G, D]
         if cpu and b == 1:
             kv, qq = kv.float(), qq.float()
         k = kv[:hkv].view(hkv, b, lctx, d) if b > 1 else kv[:hkv].unsqueeze(1)   # [Hkv, B, L, D]
         v = kv[hkv:].view(hkv, b, lctx, d) if b > 1 else kv[hkv:].unsqueeze(1)
         s = torch.matmul(qq, k.transpose(-1, -2))               # [Hkv, B, G, L]
-        mask = None if meta.decode_mask is None else meta.decode_mask.view(1, b, 1, lctx)
+        mask = None if mask is None else mask.view(1, b, 1, lctx)
         p = ops.attn_softmax(s, scale, mask, qq.dtype)
         o = torch.matmul(p, v)                                  # [Hkv, B, G, D]
         return o.transpose(0, 1).reshape(b, hq * d).to(q.dtype)

@@ -56,7 +56,7 @@ class LLMEngine:
             backend="native", device=config.device)
         self.block_manager = BlockManager(runner.num_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.prefill_chunk)
+                                   config.prefill_chunk, config.long_prefill_threshold)
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)

@@ -58,10 +58,11 @@ class ModelRunner:
         block_bytes = layers * bs * math.prod(slot_shape) * self.dtype.itemsize
         blocks = config.num_kv_blocks or max(1, config.kv_cache_bytes // block_bytes)
         self.num_blocks = min(comm.all_gather_int(blocks))
-        # One extra slot at the end: a scratch target for padded rows of CUDA-graph batches. Zeros,
-        # so masked-out context read from unused slots is always finite.
+        # One extra block at the end: its first slot is the scratch target for padded rows of
+        # CUDA-graph batches, and it pads block-granular gathers. Zeros, so masked-out context read
+        # from unused slots is always finite.
         self.scratch_slot = self.num_blocks * bs
-        slots = self.num_blocks * bs + 1
+        slots = (self.num_blocks + 1) * bs          # + one zero block: scratch / padding
         if hasattr(self.model, "allocate_kv_cache"):
             self.kv_cache = self.model.allocate_kv_cache(slots, self.dtype, self.device)
         else:
@@ -132,7 +133,10 @@ class ModelRunner:
             if c.start_pos > 0:
                 length = c.start_pos + t
                 p = torch.arange(length, device=dev)
-                bt = torch.tensor(c.block_table[:-(-length // bs)], dtype=torch.int64, device=dev)
+                blocks = c.block_table[:-(-length // bs)]
+                if all(blocks[i + 1] == blocks[i] + 1 for i in range(len(blocks) - 1)):
+                    pm.ctx_range = (blocks[0] * bs, blocks[0] * bs + length)
+                bt = torch.tensor(blocks, dtype=torch.int64, device=dev)
                 pm.ctx_slots = bt[p // bs] * bs + p % bs                           # [L]
                 q_pos = torch.arange(c.start_pos, length, device=dev)
                 pm.mask = p[None, :] <= q_pos[:, None]                              # [T, L]
@@ -153,12 +157,19 @@ class ModelRunner:
             if all(bt[i + 1] == bt[i] + 1 for i in range(len(bt) - 1)):
                 meta.decode_range = (bt[0] * bs, bt[0] * bs + lmax)
                 return
-        table = torch.tensor([list(c.block_table[:nblk]) + [0] * (nblk - min(nblk, len(c.block_table)))
+        pad = self.num_blocks                                                    # the zero block
+        table = torch.tensor([list(c.block_table[:nblk]) + [pad] * (nblk - min(nblk, len(c.block_table)))
                               for c in dec], dtype=torch.int64, device=dev)      # [B, nblk]
         p = torch.arange(lmax, device=dev)
         meta.decode_slots = (table[:, p // bs] * bs + p % bs).reshape(-1)       # [B * Lmax]
+        lt = torch.tensor(lens, device=dev)
         if min(lens) != lmax:
-            lt = torch.tensor(lens, device=dev)
             mask = torch.zeros((len(dec), lmax), dtype=torch.float32, device=dev)
             mask.masked_fill_(p[None, :] >= lt[:, None], float("-inf"))
             meta.decode_mask = mask[:, None, None, :]                            # [B, 1, 1, Lmax]
+        pb = torch.arange(nblk * bs, device=dev)
+        bmask = torch.zeros((len(dec), nblk * bs), dtype=torch.float32, device=dev)
+        bmask.masked_fill_(pb[None, :] >= lt[:, None], float("-inf"))
+        meta.block_size = bs
+        meta.decode_blocks = table.reshape(-1)                                   # [B * nblk]
+        meta.decode_block_mask = bmask[:, None, None, :]                         # [B, 1, 1, nblk * bs]

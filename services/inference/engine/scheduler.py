@@ -2,8 +2,9 @@
 
 Each step gets a token budget (max_num_batched_tokens). Decoding sequences go first (one token
 each), then partially prefilled ones continue, then waiting requests are admitted in FIFO order.
-Long prompts are prefilled in chunks of at most `prefill_chunk` tokens so they never stall the
-running decodes or a newly arrived short request for their whole length. When KV blocks run out,
+Prompts longer than `long_prefill_threshold` are prefilled in chunks of `prefill_chunk` tokens so
+they never stall the running decodes or a newly arrived short request for their whole length;
+shorter ones are prefilled whole (within the step budget). When KV blocks run out,
 the most recently admitted running sequence is preempted (blocks freed, recomputed later) and goes
 back to the head of the waiting queue.
 """
@@ -41,11 +42,12 @@ class StepPlan:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 prefill_chunk: int | None = None):
+                 prefill_chunk: int | None = None, long_prefill_threshold: int | None = None):
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.prefill_chunk = prefill_chunk or max_num_batched_tokens
+        self.long_threshold = max(long_prefill_threshold or 0, self.prefill_chunk)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []     # admission order: the last is preempted first
         self.by_request: dict[str, Sequence] = {}
@@ -116,7 +118,7 @@ class Scheduler:
         admitted = False
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.remaining, budget, self.prefill_chunk)
+            n = min(seq.remaining, budget, self._cap(seq))
             if not self.bm.can_allocate(seq, seq.num_computed + n):
                 break
             self.waiting.popleft()
@@ -136,7 +138,7 @@ class Scheduler:
             if admitted and not seq.deferred:
                 seq.deferred = True
                 continue
-            n = min(seq.remaining, budget, self.prefill_chunk)
+            n = min(seq.remaining, budget, self._cap(seq))
             if not self._reserve(seq, n, scheduled):
                 continue                       # no room this step (seq may be preempted)
             seq.deferred = False
@@ -144,6 +146,10 @@ class Scheduler:
             budget -= n
             prefill.append(self._chunk(seq, n))
         return StepPlan(chunks=tuple(decode + prefill), num_decode=len(decode))
+
+    def _cap(self, seq: Sequence) -> int:
+        """Chunk cap: short remainders go whole, long prompts in prefill_chunk pieces."""
+        return seq.remaining if seq.remaining <= self.long_threshold else self.prefill_chunk
 
     def _reserve(self, seq: Sequence, n: int, scheduled: set[int]) -> bool:
         """Make room for n more KV positions of seq by preempting the most recently admitted
