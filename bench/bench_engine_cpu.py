@@ -108,10 +108,13 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--budget", type=int, default=512)
     args = ap.parse_args(argv)
 
-    # On a machine whose cores are shared (CI, other services), spinning OpenMP workers wait a whole
-    # scheduler timeslice per parallel region: measured 26x slower decode steps here. Passive waiting
-    # applies to the engine and the HF baseline alike (same process). Must precede the first torch import.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # On a machine whose cores are shared (CI, other services), OpenMP workers that spin for long
+    # cost a whole scheduler timeslice per parallel region (26x slower decode steps measured here),
+    # while purely passive waits cost a futex wake-up per GEMV (~8 ms per decode step when quiet).
+    # A short spin (libgomp's GOMP_SPINCOUNT) gets most of both. Applies to the engine and the HF
+    # baseline alike (same process); must precede the first torch import.
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", "3000")
     import torch
 
     from privlm.model_prep import prepare
@@ -169,7 +172,7 @@ def main(argv: list[str]) -> None:
                engine_tok_s=round(bs1, 2), hf_bf16_tok_s=None if hf_rate is None else round(hf_rate, 2),
                engine_runs=[round(x, 1) for x in bs1s], hf_runs=[round(x, 1) for x in hfs],
                new_tokens=n, prompt_tokens=len(prompt), threads=args.threads,
-               omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))
+               omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"), gomp_spincount=os.environ.get("GOMP_SPINCOUNT"))
         report("engine.cpu.concurrent16_vs_bs1", "ratio", agg / bs1, None, 8.0, aggregate_decode_tok_s=round(agg, 2),
                bs1_tok_s=round(bs1, 2), aggregate_runs=[round(x, 1) for x, _ in aggs],
                whole_run_tok_s_incl_prefill=round(whole, 2), whole_run_ratio=round(whole / bs1, 2), requests=16,
