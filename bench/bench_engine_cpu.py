@@ -103,18 +103,20 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--prefill-chunk", type=int, default=16)
+    ap.add_argument("--prefill-chunk", type=int, default=8)
     ap.add_argument("--long-prefill-threshold", type=int, default=64)
     ap.add_argument("--budget", type=int, default=512)
     args = ap.parse_args(argv)
 
-    # On a machine whose cores are shared (CI, other services), OpenMP workers that spin for long
-    # cost a whole scheduler timeslice per parallel region (26x slower decode steps measured here),
-    # while purely passive waits cost a futex wake-up per GEMV (~8 ms per decode step when quiet).
-    # A short spin (libgomp's GOMP_SPINCOUNT) gets most of both. Applies to the engine and the HF
-    # baseline alike (same process); must precede the first torch import.
-    if "OMP_WAIT_POLICY" not in os.environ:
-        os.environ.setdefault("GOMP_SPINCOUNT", "3000")
+    # OpenMP waiting policy (libgomp), set before the first torch import; applies to the engine and
+    # the HF baseline alike (same process). On shared cores, long spinning costs a scheduler timeslice
+    # per parallel region (26x slower decode steps measured here); purely passive waits cost a futex
+    # wake-up per GEMV (~8 ms per decode step when quiet). A short spin gets most of both. ACTIVE
+    # matters too: libgomp otherwise throttles the spin to 100 iterations as soon as two threads
+    # (here the engine loop thread and the main thread) have run parallel regions, which made GEMVs
+    # on the engine thread ~40% slower than on the main thread.
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ.update(OMP_WAIT_POLICY="ACTIVE", GOMP_SPINCOUNT="3000")
     import torch
 
     from privlm.model_prep import prepare
