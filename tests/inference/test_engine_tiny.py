@@ -138,3 +138,40 @@ def test_padded_static_decode_path(ckpts, refs):
     finally:
         eng.shutdown()
     assert out == refs["llama"][:3]
+
+
+def test_launcher_environment(ckpts, refs, monkeypatch):
+    """torchrun-style launch: RANK/WORLD_SIZE/MASTER_* set; rank 1 runs run_follower in its own
+    process, rank 0 create_engine here; they meet through the env:// rendezvous."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cfg = dict(model=str(ckpts["llama"]), dtype="float32", tp=2, threads=1)
+    code = ("import json, sys; from privlm.config import from_mapping; "
+            "from services.inference.config import EngineConfig; "
+            "from services.inference.engine import run_follower; "
+            "run_follower(from_mapping(EngineConfig, json.loads(sys.argv[1])))")
+    follower = subprocess.Popen([sys.executable, "-c", code, json.dumps(cfg)], cwd=root,
+                                env={**__import__("os").environ, **env, "RANK": "1", "LOCAL_RANK": "1",
+                                     "PYTHONPATH": str(root)})
+    for k, v in {**env, "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    try:
+        eng = create_engine(EngineConfig(**cfg))
+        try:
+            assert generate(eng, PROMPTS[:2], N) == refs["llama"][:2]
+            assert set(eng.stats().extra) >= {"weight_bytes_rank0", "weight_bytes_rank1"}
+        finally:
+            eng.shutdown()
+        assert follower.wait(timeout=30) == 0
+    finally:
+        if follower.poll() is None:
+            follower.kill()
