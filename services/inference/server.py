@@ -75,8 +75,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         timeline = RequestTimeline(prompt_tokens=len(req.prompt_token_ids))
 
         def on_event(ev: TokenEvent) -> None:      # engine thread: stamp integers, hand over, return
-            if ev.token_ids:    # (no admission stamp from the engine yet: queue span runs to first token)
+            if ev.token_ids:
                 timeline.token(len(ev.token_ids))
+            elif ev.finish_reason is None:         # the engine's admission notice: queueing is over
+                timeline.admitted()
+                return
             if ev.finish_reason is not None:
                 timeline.finished(ev.finish_reason.value)
             loop.call_soon_threadsafe(queue.put_nowait, ev)

@@ -90,7 +90,9 @@ class Engine(Protocol):
     """What the worker servicer needs from an engine; the step loop runs on its own thread.
 
     `submit` returns at once; `on_event` is then called from the engine thread, possibly many
-    times, the last time with finish_reason set. It must not block.
+    times, the last time with finish_reason set. It must not block. An event with no tokens and
+    no finish_reason is an admission notice (queueing is over, prefill starts); consumers that
+    only want tokens ignore it.
     """
 
     info: ModelInfo

@@ -46,6 +46,9 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig, runner: ModelRunner, group=None):
         self.config, self.runner, self.group = config, runner, group
+        from privlm.telemetry import instruments   # no-op meters unless the process set up telemetry
+
+        self._instruments = instruments.get()
         hf = runner.hf_config
         self.eos = eos_token_ids(config.model, hf)
         self.info = ModelInfo(
@@ -215,10 +218,14 @@ class LLMEngine:
 
     def _step(self) -> None:
         sched = self.scheduler
+        t0 = time.perf_counter()
         plan = sched.schedule()
         if not plan.chunks:
             time.sleep(0.001)
             return
+        for c in plan.chunks:          # first prefill chunk: tell the consumer queueing is over
+            if c.start_pos == 0:
+                self._emit(sched.by_id[c.seq_id].request_id, (), None)
         logits = self.runner.step(plan)
         sampled: dict[int, int] = {}
         rows = [c for c in plan.chunks if c.sample]
@@ -231,6 +238,7 @@ class LLMEngine:
             if reason is not None:
                 self._gens.pop(seq.seq_id, None)
             self._emit(seq.request_id, (tok,), reason)
+        self._instruments.record_step(len(plan.chunks), time.perf_counter() - t0)
         with self._lock:
             st = self._stats
             st.steps += 1
