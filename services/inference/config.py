@@ -55,3 +55,5 @@ class WorkerServerConfig:
     port: int = 0
     grace_seconds: float = 10.0
     max_message_bytes: int = 8 * 1024 * 1024
+    canary_interval_s: float = 300.0       # perplexity canary period (0: off)
+    canary_baseline: float | None = None   # known-good perplexity; None: the first measurement

@@ -166,6 +166,22 @@ async def _watch_health(engine: Engine, health, period: float = 0.5) -> None:
         await asyncio.sleep(period)
 
 
+def start_canary(config: WorkerServerConfig, engine: Engine):
+    """Perplexity on a fixed text every canary_interval_s, exported as a gauge (the guide's alert on
+    a > 15% rise catches corrupted or badly quantised weights). Needs an engine with score()."""
+    if config.canary_interval_s <= 0 or not hasattr(engine, "score"):
+        return None
+    from transformers import AutoTokenizer
+
+    from privlm.telemetry.canary import CANARY_TEXT, CanaryMonitor
+
+    ids = AutoTokenizer.from_pretrained(config.engine.model, local_files_only=True).encode(CANARY_TEXT)
+    monitor = CanaryMonitor(engine.score, ids[:min(len(ids), config.engine.max_num_batched_tokens)],
+                            instruments.get(), baseline=config.canary_baseline, interval_s=config.canary_interval_s)
+    monitor.start()
+    return monitor
+
+
 def _kv_use(engine: Engine) -> tuple[int, int]:
     s = engine.stats()
     return s.kv_blocks_total - s.kv_blocks_free, s.kv_blocks_total
@@ -180,6 +196,7 @@ async def serve(config: WorkerServerConfig, ready_file: Path | None = None, tele
     server, port, health = await create_server(config, engine, server_interceptors())
     await server.start()
     watcher = asyncio.create_task(_watch_health(engine, health))
+    canary = start_canary(config, engine)
     log.info("worker serving %s on %s:%d (tp=%d, backend=%s)", engine.info.model_id, config.host, port,
              config.engine.tp, config.engine.backend)
     if ready_file:
@@ -191,6 +208,8 @@ async def serve(config: WorkerServerConfig, ready_file: Path | None = None, tele
     await stop.wait()
     log.info("worker shutting down (grace %.1fs)", config.grace_seconds)
     watcher.cancel()
+    if canary is not None:
+        canary.stop()
     await health.enter_graceful_shutdown()
     await server.stop(config.grace_seconds)
     await asyncio.to_thread(engine.shutdown)
@@ -224,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--ready-file", type=Path, default=None, help="write {'port': N} here once serving")
+    ap.add_argument("--canary-interval", type=float, default=300.0, help="perplexity canary period, s (0: off)")
+    ap.add_argument("--canary-baseline", type=float, default=None,
+                    help="known-good canary perplexity (default: the first measurement)")
     add_transport_args(ap)
     from privlm.telemetry.config import add_arguments as add_telemetry_args
 
@@ -239,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
 
         run_follower(engine_cfg)
         return 0
-    cfg = WorkerServerConfig(engine=engine_cfg, transport=transport_from_args(args), host=args.host, port=args.port)
+    cfg = WorkerServerConfig(engine=engine_cfg, transport=transport_from_args(args), host=args.host, port=args.port,
+                             canary_interval_s=args.canary_interval, canary_baseline=args.canary_baseline)
     from privlm.telemetry.config import from_args
     from privlm.telemetry.setup import init_service
 

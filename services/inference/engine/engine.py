@@ -15,11 +15,11 @@ from services.inference.config import EngineConfig
 from services.inference.engine.block_manager import BlockManager
 from services.inference.engine.model_runner import ModelRunner
 from services.inference.engine.sampler import new_generator, sample
-from services.inference.engine.scheduler import Scheduler
+from services.inference.engine.scheduler import Chunk, Scheduler, StepPlan
 from services.inference.engine.sequence import Sequence
 from services.inference.types import (EngineOverloaded, EngineStats, EngineUnavailable, EventCallback,
                                       FinishReason, GenerationRequest, InvalidRequest, ModelInfo,
-                                      TokenEvent)
+                                      SamplingParams, TokenEvent)
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,45 @@ class LLMEngine:
             self._active[request.request_id] = (on_event, seq.prompt_len)
             self._inbox.append(("add", seq))
             self._wake.notify()
+
+    def score(self, token_ids: list[int], timeout: float = 120.0) -> list[float]:
+        """Teacher-forced log-probs of token_ids[1:] given their prefixes, run by the step loop
+        between steps on every rank (the perplexity canary). Blocks the caller, not the loop."""
+        import concurrent.futures
+
+        if not 2 <= len(token_ids) <= min(self.info.context_window, self.config.max_num_batched_tokens):
+            raise InvalidRequest(f"scoring needs 2..{self.config.max_num_batched_tokens} tokens")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._stopping or not self._healthy:
+                raise EngineUnavailable(self._error or "engine is shut down")
+            self._inbox.append(("score", (list(token_ids), fut)))
+            self._wake.notify()
+        return fut.result(timeout)
+
+    def _score(self, token_ids: list[int], fut) -> None:
+        """One scoring chunk through the normal runner, on blocks borrowed from the free pool."""
+        import torch
+
+        seq = Sequence(seq_id=next(self._ids), request_id="__canary__", prompt_len=len(token_ids),
+                       tokens=list(token_ids), sampling=SamplingParams(max_new_tokens=1),
+                       max_len=self.info.context_window)
+        if not self.block_manager.can_allocate(seq, len(token_ids)):
+            fut.set_exception(EngineOverloaded("no free KV blocks for the canary right now"))
+            return
+        self.block_manager.allocate(seq, len(token_ids))
+        try:
+            chunk = Chunk(seq_id=seq.seq_id, token_ids=tuple(token_ids), start_pos=0,
+                          block_table=tuple(seq.block_table), sample=False, score=True)
+            logits = self.runner.step(StepPlan(chunks=(chunk,), num_decode=0))   # logits: [T, V]
+            logp = torch.log_softmax(logits[:-1].float(), dim=-1)               # logp: [T-1, V]
+            nxt = torch.tensor(token_ids[1:], device=logp.device)[:, None]
+            fut.set_result(logp.gather(-1, nxt)[:, 0].tolist())
+        except Exception as exc:  # noqa: BLE001 - reported to the caller; a runner failure also kills the loop
+            fut.set_exception(exc)
+            raise
+        finally:
+            self.block_manager.free(seq)
 
     def cancel(self, request_id: str) -> None:
         with self._lock:
@@ -181,7 +220,9 @@ class LLMEngine:
             msgs = list(self._inbox)
             self._inbox.clear()
         for kind, item in msgs:
-            if kind == "add":
+            if kind == "score":
+                self._score(*item)
+            elif kind == "add":
                 if item.sampling.temperature > 0:
                     self._gens[item.seq_id] = new_generator(item.sampling.seed)
                 self.scheduler.add(item)

@@ -120,7 +120,9 @@ class ModelRunner:
                 ids.append(tok)
                 pos.append(p)
                 slots.append(bt[p // bs] * bs + p % bs)
-            if c.sample:
+            if c.score:
+                sample_rows.extend(range(len(ids) - len(c.token_ids), len(ids)))
+            elif c.sample:
                 sample_rows.append(len(ids) - 1)
         meta = AttnMetadata(slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev))
         nd = plan.num_decode

@@ -27,6 +27,7 @@ class Chunk:
     start_pos: int
     block_table: tuple[int, ...]
     sample: bool
+    score: bool = False          # return logits for every row (teacher-forced scoring, the canary)
 
 
 @dataclass(frozen=True)
