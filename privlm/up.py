@@ -146,7 +146,7 @@ def build_children(args, model: str, transport) -> list[Child]:
     children.append(worker)
     if not args.no_he:
         he_model = ["--model-file", str(demo_risk_model(args.log_dir))]
-        children.append(Child("he", py + ["he", "--port", str(hport), *tls, "--otlp-endpoint", otlp, *he_model], hport))
+        children.append(Child("he", py + ["he", "--port", str(hport), *tls, *telemetry("he"), *he_model], hport))
     children.append(gateway)
     return children
 

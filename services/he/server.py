@@ -221,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
                      help="DEVELOPMENT ONLY: plaintext gRPC without peer authentication (warns)")
     parser.add_argument("--workers", type=int)
     parser.add_argument("--max-request-bytes", type=int)
-    parser.add_argument("--otlp-endpoint", help="export traces to this OTLP/gRPC collector (host:port)")
+    from privlm.telemetry.config import add_arguments as add_telemetry_args
+
+    add_telemetry_args(parser)
     args = parser.parse_args(argv)
     from privlm.config import ConfigError, load_file
     import dataclasses
@@ -244,12 +246,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"privlm he: {exc}", flush=True)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    telemetry, interceptors = None, ()
-    if args.otlp_endpoint:
-        from privlm.telemetry import TelemetryConfig, server_interceptors, setup_telemetry
+    from privlm.telemetry import server_interceptors
+    from privlm.telemetry.config import from_args
+    from privlm.telemetry.setup import init_service
 
-        telemetry = setup_telemetry(TelemetryConfig(service_name="privlm-he", otlp_endpoint=args.otlp_endpoint))
-        interceptors = server_interceptors()
+    telemetry = init_service(from_args(args, "privlm-he"))
+    interceptors = server_interceptors()
     try:
         asyncio.run(serve(config, interceptors=interceptors))
     finally:
