@@ -16,39 +16,17 @@ Every figure carries the 1-minute load average when it was taken: the CPU machin
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 from bench.report import report
+from services.he.demo import start_local_server
 
 F = 64
-
-
-def _server(model_path: Path):
-    from services.he.config import HEServiceConfig
-    from services.he.server import create_server
-
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-
-    def run(coro):
-        return asyncio.run_coroutine_threadsafe(coro, loop).result(300)
-
-    server, port = run(create_server(HEServiceConfig(model_files=(str(model_path),))))
-    run(server.start())
-
-    def stop():
-        run(server.stop(1))
-        server.privlm_servicer.close()
-        loop.call_soon_threadsafe(loop.stop)
-
-    return f"127.0.0.1:{port}", stop
 
 
 def _rate(fn, records: int, reps: int) -> tuple[float, list[float]]:
@@ -88,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     model = ScoringModel(name="bench", version="1", weights=(rng.normal(size=F) / 8).tolist(), bias=0.1,
                          means=rng.normal(size=F).tolist(), scales=rng.uniform(0.5, 2, size=F).tolist())
     tmp = tempfile.TemporaryDirectory(prefix="privlm-bench-he-")
-    target, stop = _server(save_model(model, Path(tmp.name) / "model.json"))
+    target, stop = start_local_server(save_model(model, Path(tmp.name) / "model.json"))
     try:
         with HEClient(target, timeout=600) as he:
             batch_keys = BankKeys.generate(depth=1)                       # no Galois keys: 1.1 MB context

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
-import signal
 from pathlib import Path
 
 import grpc
@@ -14,7 +12,7 @@ from gateway.config import GatewayConfig, ModelRoute
 from gateway.service import Chunk, GatewayService, GenerateInput
 from gateway.tenants import TenantInterceptor, TenantRegistry, current_tenant, load_tenants
 from privlm.transport import add_transport_args, transport_from_args
-from privlm.grpcserver import SERVING, add_health_and_reflection, bind, new_server
+from privlm.grpcserver import SERVING, add_health_and_reflection, bind, new_server, wait_for_stop
 from privlm.v1 import inference_pb2 as pb
 from privlm.v1 import inference_pb2_grpc as pb_grpc
 
@@ -143,13 +141,7 @@ async def serve(config: GatewayConfig, ready_file: Path | None = None, telemetry
     server, port, service, health = await create_server(config, server_interceptors(), client_interceptors())
     await server.start()
     log.info("gateway serving on %s:%d, models %s", config.host, port, list(service.models))
-    if ready_file:
-        ready_file.write_text(json.dumps({"port": port}))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await wait_for_stop(port, ready_file)
     log.info("gateway draining (grace %.1fs)", config.grace_seconds)
     await health.enter_graceful_shutdown()
     await server.stop(config.grace_seconds)

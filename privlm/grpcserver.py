@@ -120,6 +120,21 @@ def new_server(interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
                            options=options)
 
 
+async def wait_for_stop(port: int, ready_file=None) -> None:
+    """Announce readiness (`{"port": N}` in ready_file, for supervisors) and block until SIGTERM/SIGINT."""
+    import asyncio
+    import json
+    import signal
+
+    if ready_file:
+        ready_file.write_text(json.dumps({"port": port}))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
 def bind(server: grpc.aio.Server, host: str, port: int,
          credentials: grpc.ServerCredentials | None = None) -> int:
     """Bind host:port (0 picks a free port) and return the bound port; fail loudly if it can't."""

@@ -59,7 +59,7 @@ def train_logistic(x: np.ndarray, y: np.ndarray, steps: int = 400, lr: float = 0
                         scales=sd.tolist(), feature_names=FEATURES)
 
 
-def _start_local_server(model_path: Path):
+def start_local_server(model_path: Path):
     from services.he.config import HEServiceConfig
     from services.he.server import create_server
 
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.target:
         target = args.target
     else:
-        target, stop = _start_local_server(save_model(model, Path(tmp.name) / "model.json"))
+        target, stop = start_local_server(save_model(model, Path(tmp.name) / "model.json"))
         print(f"service: started on {target} (holds public keys only)")
     ok = True
     try:

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
-import signal
 import uuid
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import grpc
 
 from privlm.errors import InvalidArgument, Unavailable
 from privlm.transport import add_transport_args, transport_from_args
-from privlm.grpcserver import NOT_SERVING, SERVING, add_health_and_reflection, bind, new_server
+from privlm.grpcserver import NOT_SERVING, SERVING, add_health_and_reflection, bind, new_server, wait_for_stop
 from privlm.internal.v1 import worker_pb2, worker_pb2_grpc
 from services.inference.config import EngineConfig, WorkerServerConfig
 from opentelemetry import context as otel_context
@@ -199,13 +197,7 @@ async def serve(config: WorkerServerConfig, ready_file: Path | None = None, tele
     canary = start_canary(config, engine)
     log.info("worker serving %s on %s:%d (tp=%d, backend=%s)", engine.info.model_id, config.host, port,
              config.engine.tp, config.engine.backend)
-    if ready_file:
-        ready_file.write_text(json.dumps({"port": port}))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await wait_for_stop(port, ready_file)
     log.info("worker shutting down (grace %.1fs)", config.grace_seconds)
     watcher.cancel()
     if canary is not None:
