@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.hf_baseline import decode_rate, hf_token_times  # noqa: E402
 from bench.report import report  # noqa: E402
 
 
@@ -55,10 +56,6 @@ def _submit(engine, rid, prompt, n):
     return tl
 
 
-def _decode_rate(times: list[float]) -> float:
-    return (len(times) - 1) / (times[-1] - times[0])
-
-
 class HFBaseline:
     """transformers generate() in bf16 on the same weights and threads; decode tokens/s per run."""
 
@@ -70,28 +67,10 @@ class HFBaseline:
                                                           local_files_only=True).eval()
 
     def rate(self, prompt: list[int], n: int) -> float:
-        import torch
-        from transformers.generation.streamers import BaseStreamer
-
-        class Stamp(BaseStreamer):
-            def __init__(self):
-                self.times = []
-
-            def put(self, value):
-                self.times.append(time.perf_counter())
-
-            def end(self):
-                pass
-
-        ids = torch.tensor([prompt])
-        st = Stamp()
-        with torch.inference_mode():
-            self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                do_sample=False, streamer=st, pad_token_id=0)
-        return _decode_rate(st.times[1:])                 # times[0] is the prompt
+        return decode_rate(hf_token_times(self.model, prompt, n)[1][1:])   # stamp 0 is the prompt
 
 
-def hf_decode_rate(model_dir: str, prompt: list[int], n: int, reps: int) -> float:
+def hfdecode_rate(model_dir: str, prompt: list[int], n: int, reps: int) -> float:
     hf = HFBaseline(model_dir)
     hf.rate(prompt, n)                                    # warm-up with the same shapes
     return statistics.median(hf.rate(prompt, n) for _ in range(reps))
@@ -138,7 +117,7 @@ def main(argv: list[str]) -> None:
     def engine_bs1(tag):
         tl = _submit(engine, f"bs1-{tag}", prompt, n)
         tl.done.wait()
-        return _decode_rate(tl.times)
+        return decode_rate(tl.times)
 
     def engine_c16(tag):
         """(steady 16-way decode tokens/s, whole-run tokens/s including the 16 prefills).

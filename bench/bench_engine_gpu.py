@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.bench_engine_cpu import _decode_rate, _submit  # noqa: E402
+from bench.bench_engine_cpu import _submit  # noqa: E402
+from bench.hf_baseline import decode_rate, hf_token_times  # noqa: E402
 from bench.report import report  # noqa: E402
 
 
@@ -131,7 +132,7 @@ def tp2_rate(cfg, prompt, n, reps):
                         if tl.events_error:
                             raise RuntimeError(tl.events_error)
                         if i:
-                            rates.append(_decode_rate(tl.times))
+                            rates.append(decode_rate(tl.times))
                 finally:
                     engine.shutdown()
                 del engine
@@ -146,29 +147,14 @@ def tp2_rate(cfg, prompt, n, reps):
 def hf_rate(cfg, prompt, n, reps) -> float:
     import torch
     from transformers import AutoModelForCausalLM
-    from transformers.generation.streamers import BaseStreamer
-
-    class Stamp(BaseStreamer):
-        def __init__(self):
-            self.times = []
-
-        def put(self, value):
-            self.times.append(time.perf_counter())
-
-        def end(self):
-            pass
 
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
-    ids = torch.tensor([prompt], device="cuda")
     rates = []
-    with torch.inference_mode():
-        for i in range(reps + 1):
-            st = Stamp()
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, streamer=st, pad_token_id=0)
-            if i:
-                rates.append(_decode_rate(st.times[1:]))
+    for i in range(reps + 1):                                   # run 0 warms up with the same shapes
+        times = hf_token_times(model, prompt, n)[1]
+        if i:
+            rates.append(decode_rate(times[1:]))
     del model
     gc.collect()
     torch.cuda.empty_cache()
@@ -213,7 +199,7 @@ def main(argv: list[str]) -> None:
                 tl = _submit(engine, f"bs1-{i}", prompt, n)
                 tl.done.wait()
                 if i:
-                    rates.append(_decode_rate(tl.times))
+                    rates.append(decode_rate(tl.times))
             bs1 = statistics.median(rates)
             r = engine.runner
             embed = r.model.model.embed_tokens.weight

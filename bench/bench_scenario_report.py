@@ -25,33 +25,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.hf_baseline import hf_token_times  # noqa: E402
 from bench.report import report  # noqa: E402
 
 
 def hf_run(model, ids: list[int], new_tokens: int) -> tuple[float, float]:
     """(time to first token, total) of one greedy generate() call, timed by a streamer."""
-    import torch
-    from transformers.generation.streamers import BaseStreamer
-
-    class Stamp(BaseStreamer):
-        def __init__(self):
-            self.times: list[float] = []
-
-        def put(self, value):
-            self.times.append(time.perf_counter())
-
-        def end(self):
-            pass
-
-    x = torch.tensor([ids])
-    st = Stamp()
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                       do_sample=False, streamer=st, pad_token_id=0)
-    total = time.perf_counter() - t0
-    # The streamer's first put() is the prompt itself; the second is the first generated token.
-    return st.times[1] - t0, total
+    t0, times = hf_token_times(model, ids, new_tokens)
+    return times[1] - t0, time.perf_counter() - t0
 
 
 async def gateway_run(target: str, ids_prompt_messages, new_tokens: int) -> tuple[float, float, int]:

@@ -6,6 +6,7 @@ worker request and audit events carry it without trusting anything the client sa
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import hashlib
 import hmac
@@ -141,32 +142,29 @@ class TenantInterceptor(grpc.aio.ServerInterceptor):
             return handler
         registry = self.registry
 
-        def admit():
+        @contextlib.contextmanager
+        def admitted():
+            """Authenticate, take a slot within the tenant's limits, expose the tenant; undo after."""
             limits = registry.authenticate(details.invocation_metadata)
             limits.acquire()
-            return limits
+            token = current_tenant.set(limits.cfg.tenant)
+            try:
+                yield
+            finally:
+                current_tenant.reset(token)
+                limits.release()
 
         def wrap_unary(fn):
             async def call(request, context):
-                limits = admit()
-                token = current_tenant.set(limits.cfg.tenant)
-                try:
+                with admitted():
                     return await fn(request, context)
-                finally:
-                    current_tenant.reset(token)
-                    limits.release()
             return call
 
         def wrap_stream(fn):
             async def call(request, context):
-                limits = admit()
-                token = current_tenant.set(limits.cfg.tenant)
-                try:
+                with admitted():
                     async for item in fn(request, context):
                         yield item
-                finally:
-                    current_tenant.reset(token)
-                    limits.release()
             return call
 
         return rewrap(handler, wrap_unary, wrap_stream)
