@@ -33,6 +33,10 @@ class EngineConfig:
     cuda_graphs: bool = True                # CUDA only: replay captured graphs for pure-decode steps
     cuda_graphs_tp: bool = False            # CUDA graphs also at tp > 1 (NCCL inside the graph)
     compile_kernels: bool = True            # CUDA only: torch.compile the small fused blocks (engine/ops.py)
+    custom_all_reduce: bool = True          # CUDA, tp > 1: one-shot all-reduce over symmetric memory
+                                            # (NVLink peer loads) for small tensors instead of NCCL
+    keep_fp8: bool = False                  # FP8 block-scaled checkpoints (DeepSeek): weights stay FP8
+                                            # and run FP8 tensor-core matmuls (CUDA, sm89+ only)
 
     def __post_init__(self):
         check(self.tp >= 1, f"tp must be >= 1, got {self.tp}")
