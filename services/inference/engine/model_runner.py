@@ -38,8 +38,14 @@ class ModelRunner:
         self.max_model_len = min(config.max_model_len or context_window(self.hf_config),
                                  context_window(self.hf_config))
         cls = model_class(self.architecture)
+        extra = {}
+        if config.keep_fp8:
+            if not getattr(cls, "supports_keep_fp8", False):
+                raise ValueError(f"keep_fp8 applies to FP8 block-scaled checkpoints of models that support it "
+                                 f"(DeepSeek-V3/R1), not {self.architecture}")
+            extra["keep_fp8"] = True
         with torch.no_grad():
-            self.model = cls(self.hf_config, comm, self.dtype, self.device, self.max_model_len).eval()
+            self.model = cls(self.hf_config, comm, self.dtype, self.device, self.max_model_len, **extra).eval()
             if config.load_format == "dummy":
                 self.weight_bytes_read = 0
                 for prm in self.model.parameters():
