@@ -69,3 +69,29 @@ def test_engine_serves_an_fp8_checkpoint(tmp_path):
         assert _generate(engine, ps, 8) == [hf_greedy(ref, p, 8) for p in ps]
     finally:
         engine.shutdown()
+
+
+def test_engine_stats_report_expert_load_and_fp8_mode(tmp_path):
+    """keep_fp8 through the engine (EngineConfig.keep_fp8): on CPU weight-only FP8, reported as
+    fp8_tensor_core_fraction 0; tokens equal transformers on the dequantized copy; after the
+    requests the stats carry the expert load of every routed token."""
+    from transformers import DeepseekV3ForCausalLM
+
+    from services.inference.deepseek.fp8 import dequantize_checkpoint, quantize_checkpoint
+
+    build(tmp_path / "src", seed=37, eos_token_id=None)
+    quantize_checkpoint(tmp_path / "src", tmp_path / "fp8")
+    ref = DeepseekV3ForCausalLM.from_pretrained(dequantize_checkpoint(tmp_path / "fp8", tmp_path / "deq")).eval()
+    ps = prompts(2, seed=43)
+    engine = create_engine(EngineConfig(model=str(tmp_path / "fp8"), dtype="float32", num_kv_blocks=64,
+                                        block_size=4, threads=1, keep_fp8=True))
+    try:
+        assert "tokens_routed" not in engine.stats().extra            # no step yet
+        assert _generate(engine, ps, 6) == [hf_greedy(ref, p, 6) for p in ps]
+        ex = engine.stats().extra
+        assert ex["fp8_tensor_core_fraction"] == 0.0                   # CPU: dequantized per call
+        fed = sum(len(p) + 6 - 1 for p in ps)                          # prompt + generated but the last
+        assert ex["tokens_routed"] == fed * 2 * 3                      # top-2, 3 MoE layers
+        assert ex["expert_max_over_mean"] >= 1.0 and ex["rank_max_over_mean"] == 1.0
+    finally:
+        engine.shutdown()

@@ -84,8 +84,8 @@ class MLAttention(nn.Module):
         kvd = cfg.qk_nope_head_dim + cfg.v_head_dim
         b = cfg.fp8_block
 
-        def lin(o, i, rows=None, cols=None):
-            return Linear(o, i, dtype, device, rows, cols, b, cfg.keep_fp8)
+        def lin(o, i, rows=None, cols=None, tensor_core=True):
+            return Linear(o, i, dtype, device, rows, cols, b, cfg.keep_fp8, tensor_core)
         if cfg.q_lora_rank:
             self.q_a_proj = lin(cfg.q_lora_rank, H)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6, dtype, device)
@@ -94,7 +94,8 @@ class MLAttention(nn.Module):
             self.q_proj = lin(h * qk, H, rows=(h0 * qk, (h0 + h) * qk))
         self.kv_a_proj_with_mqa = lin(kvl + cfg.qk_rope_head_dim, H)
         self.kv_a_layernorm = RMSNorm(kvl, 1e-6, dtype, device)
-        self.kv_b_proj = lin(h * kvd, kvl, rows=(h0 * kvd, (h0 + h) * kvd))
+        # read only through dense_weight() (absorbed into q / the output): never an FP8 GEMM
+        self.kv_b_proj = lin(h * kvd, kvl, rows=(h0 * kvd, (h0 + h) * kvd), tensor_core=False)
         self.o_proj = lin(H, h * cfg.v_head_dim, cols=(h0 * cfg.v_head_dim, (h0 + h) * cfg.v_head_dim))
         self.scale = cfg.softmax_scale
 

@@ -11,6 +11,7 @@ each; two all-reduces per layer (after o_proj, after the MoE/MLP).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from pathlib import Path
 
@@ -25,9 +26,12 @@ from services.inference.engine.loader import load_weights
 from .attention import MLAttention, RMSNorm, rope_inv_freq
 from .balance import load_placement
 from .config import DeepseekConfig
+from .fp8_matmul import TENSOR_CORE, WEIGHT_ONLY
 from .moe import DenseMLP, MoE
 from .params import shard_range
-from .weights import sharded_param
+from .weights import Linear, sharded_param
+
+log = logging.getLogger(__name__)
 
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -73,12 +77,15 @@ class DeepseekModel(nn.Module):
 
 
 class DeepseekV3ForCausalLM(nn.Module):
+    supports_keep_fp8 = True          # the engine passes keep_fp8=True when EngineConfig.keep_fp8
+
     def __init__(self, hf_config, comm: Comm | None = None, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", max_pos: int | None = None, folder: str | Path | None = None,
                  keep_fp8: bool = False):
         """hf_config: a transformers config (the engine's call) or a DeepseekConfig. An expert
         placement (balance.py) is read from the model folder when one is there. keep_fp8: an FP8
-        checkpoint's linear weights stay FP8 in memory (weight-only FP8, see weights.Linear)."""
+        checkpoint's linear weights stay FP8 in memory; `fp8_matmul` says how they are multiplied
+        (FP8 tensor cores on a CUDA GPU that has them, else dequantized per call: weights.Linear)."""
         super().__init__()
         cfg = hf_config if isinstance(hf_config, DeepseekConfig) else DeepseekConfig.from_dict(hf_config.to_dict())
         cfg = dataclasses.replace(cfg, keep_fp8=bool(keep_fp8 and cfg.fp8_block))
@@ -97,6 +104,11 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg.rope, cfg.qk_rope_head_dim).to(device),
                              persistent=False)
         self.held = {i: set(l.mlp.local) for i, l in enumerate(self.model.layers) if l.is_moe}  # layer -> experts
+        self._published_load: torch.Tensor | None = None     # CPU snapshot of expert_load() (publish_expert_load)
+        self._pending_load = None                            # (pinned host tensor, CUDA event) in flight
+        self.fp8_matmul, self.fp8_linears, self.fp8_tensor_core_fraction = self._fp8_summary()
+        if self.fp8_matmul is not None:
+            log.info("keep_fp8: FP8 weights, matmul %s; linears by mode: %s", self.fp8_matmul, self.fp8_linears)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, comm: Comm | None = None, dtype: torch.dtype = torch.float32,
@@ -129,6 +141,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         cos, sin = (freqs.cos() * af).to(self.dtype), (freqs.sin() * af).to(self.dtype)
         for layer, cache in zip(self.model.layers, caches):
             h = layer(h, cos, sin, meta, cache)
+        self.publish_expert_load()
         return self.model.norm(h)
 
     @torch.no_grad()
@@ -141,6 +154,74 @@ class DeepseekV3ForCausalLM(nn.Module):
     def expert_load(self) -> torch.Tensor:
         """Routed-token counts [moe_layers, n_routed_experts] since load (identical on every rank)."""
         return torch.stack([l.mlp.tokens_per_expert for l in self.model.layers if l.is_moe]).cpu()
+
+    def publish_expert_load(self) -> None:
+        """Publish a CPU copy of the expert counts for other threads (engine stats), from the thread
+        that runs the model: called after each eager forward. Never synchronises with the GPU: a
+        CUDA copy goes to pinned memory asynchronously and becomes the published value once its event
+        has completed (seen at a later call), and nothing is issued while a CUDA graph is captured.
+        Decode steps replayed from a CUDA graph do not run this; the runner may call it after them."""
+        if not any(l.is_moe for l in self.model.layers):
+            return
+        counts = torch.stack([l.mlp.tokens_per_expert for l in self.model.layers if l.is_moe])   # [L, E]
+        if counts.device.type != "cuda":
+            self._published_load = counts.clone()
+            return
+        if torch.cuda.is_current_stream_capturing():
+            return
+        if self._pending_load is not None and self._pending_load[1].query():
+            self._published_load, self._pending_load = self._pending_load[0], None
+        if self._pending_load is None:
+            host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+            host.copy_(counts, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record()
+            self._pending_load = (host, ev)
+
+    def engine_stats(self) -> dict[str, float]:
+        """Figures for EngineStats.extra, safe to call from any thread: reads only the published CPU
+        snapshot (never the live counters) and constants. Expert load over the group's EP ranks
+        (identical on every rank, so rank 0's model suffices); fp8_tensor_core_fraction when keep_fp8
+        (share of FP8 linear weights multiplied on FP8 tensor cores; 0 = weight-only FP8)."""
+        out: dict[str, float] = {}
+        if self.fp8_tensor_core_fraction is not None:
+            out["fp8_tensor_core_fraction"] = self.fp8_tensor_core_fraction
+        counts = self._published_load
+        if counts is not None:
+            out.update(self.load_imbalance(counts))
+        return out
+
+    def load_imbalance(self, counts: torch.Tensor) -> dict[str, float]:
+        """imbalance(counts, ep) with the rank figure of this group's expert placement when one is set."""
+        ep = self.comm.size
+        out = imbalance(counts, ep)
+        if self.placement:
+            from .balance import max_over_mean, rank_loads, contiguous
+
+            moe = [i for i, l in enumerate(self.model.layers) if l.is_moe]
+            E = self.cfg.n_routed_experts
+            per = [max_over_mean(rank_loads(counts[j], self.placement.get(i, contiguous(E, ep))))
+                   for j, i in enumerate(moe)]
+            out["rank_max_over_mean"] = float(sum(per) / len(per))
+        return out
+
+    def _fp8_summary(self) -> tuple[str | None, dict[str, int], float | None]:
+        """(fp8_matmul mode, {mode: number of linears}, share of FP8 GEMM weights on tensor cores)."""
+        kinds: dict[str, int] = {}
+        tc = total = 0
+        for m in self.modules():
+            if isinstance(m, Linear) and m.fp8_mode is not None:
+                key = m.fp8_mode if m.fp8_mode == TENSOR_CORE else f"{m.fp8_mode}: {m.fp8_reason}"
+                kinds[key] = kinds.get(key, 0) + 1
+                if "absorbed" in m.fp8_reason:          # MLA's kv_b_proj: not a GEMM with activations
+                    continue
+                total += m.weight.numel()
+                tc += m.weight.numel() if m.fp8_mode == TENSOR_CORE else 0
+        if not kinds:
+            return None, {}, None
+        frac = tc / total if total else 0.0
+        mode = TENSOR_CORE if frac == 1.0 else WEIGHT_ONLY if frac == 0.0 else f"mixed ({frac:.1%} {TENSOR_CORE})"
+        return mode, kinds, frac
 
     def computed_pairs(self) -> int:
         """(token, expert) pairs this rank's experts computed since load, all MoE layers."""

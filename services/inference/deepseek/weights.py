@@ -9,6 +9,11 @@ FP8 (R1's float8_e4m3fn + `weight_scale_inv` per 128x128 block): a Linear of an 
 a second parameter `weight_scale_inv` holding the blocks that cover this rank's slice. Whichever of
 the two tensors arrives second dequantizes the weight in place (fp8 values are exact in bf16/f32),
 on the loading device, so only this rank's slice is ever dequantized.
+
+keep_fp8 (the weights stay FP8): on a CUDA GPU with a working blockwise scaled GEMM (fp8_matmul.probe)
+a Linear runs FP8 tensor-core matmuls (activation quantized 1x128 per call); elsewhere, and for a
+tensor-parallel slice that does not start on a 128 boundary (its block scales would straddle the
+kernel's blocks), it dequantizes the weight per call (weight-only FP8). `Linear.fp8_mode` says which.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import torch
 from torch import nn
 
 from .fp8 import FP8, block_range, dequant_slice
+from .fp8_matmul import TENSOR_CORE, WEIGHT_ONLY, blockwise_linear, prepare_weight, probe
 
 
 def _slice(src, rows: tuple[int, int] | None, cols: tuple[int, int] | None) -> torch.Tensor:
@@ -51,17 +57,20 @@ def _load(param: nn.Parameter, src, shard_id=None) -> None:
     param.raw_fp8 = t.dtype == FP8
     param.loaded = True
     _maybe_dequant(param)
+    _maybe_prepare(param)
 
 
 class Linear(nn.Module):
     """y = x W^T for W[rows, cols] of the checkpoint; with `block`, also weight_scale_inv.
 
-    keep_fp8 (FP8 checkpoints): W stays float8_e4m3fn in memory (1 byte per weight) and is
-    dequantized per call into the compute dtype (weight-only FP8: half of bf16's memory, not FP8
-    tensor-core math)."""
+    keep_fp8 (FP8 checkpoints): W stays float8_e4m3fn in memory (1 byte per weight). fp8_mode:
+      "tensor-core"                        CUDA + blockwise scaled_mm + slice on block boundaries
+      "weight-only (dequantize per call)"  otherwise (fp8_reason says why)
+      None                                 W is not kept in FP8
+    tensor_core=False: the weight is only read through dense_weight() (MLA's absorbed kv_b_proj)."""
 
     def __init__(self, out_f: int, in_f: int, dtype, device, rows=None, cols=None,
-                 block: tuple[int, int] | None = None, keep_fp8: bool = False):
+                 block: tuple[int, int] | None = None, keep_fp8: bool = False, tensor_core: bool = True):
         super().__init__()
         keep_fp8 = keep_fp8 and block is not None
         self.compute_dtype = dtype
@@ -75,6 +84,11 @@ class Linear(nn.Module):
             self.weight.partner, self.weight.block = s, block
             s.weight_loader = _load_scale
             self.weight_scale_inv = s
+        self.fp8_mode, self.fp8_reason = None, ""
+        if keep_fp8:
+            self.fp8_mode, self.fp8_reason = _choose_mode(torch.device(device or "cpu"), rows, cols, block,
+                                                          tensor_core)
+            self.weight.tc_backend = probe(device)[0] if self.fp8_mode == TENSOR_CORE else None
 
     def dense_weight(self) -> torch.Tensor:
         """W in the compute dtype ([out, in]); dequantized on the fly when kept in FP8."""
@@ -85,13 +99,42 @@ class Linear(nn.Module):
                              w.block, self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if self.fp8_mode == TENSOR_CORE and w.dtype == FP8:
+            mm = getattr(w, "mm", None) or _prepare(w)
+            return blockwise_linear(x, mm[0], mm[1], w.shape[0], w.tc_backend, x.dtype)
         return torch.nn.functional.linear(x, self.dense_weight())
+
+
+def _choose_mode(device: torch.device, rows, cols, block, tensor_core: bool) -> tuple[str, str]:
+    if not tensor_core:
+        return WEIGHT_ONLY, "read through absorbed einsums (MLA kv_b_proj), not a matmul with activations"
+    if tuple(block) != (128, 128):
+        return WEIGHT_ONLY, f"block {tuple(block)} is not 128x128"
+    r0, c0 = (rows or (0, 0))[0], (cols or (0, 0))[0]
+    if r0 % 128 or c0 % 128:
+        return WEIGHT_ONLY, (f"tensor-parallel slice starts at row {r0}, column {c0}: not on a 128x128 "
+                             "block boundary")
+    be, reason, _ = probe(device)
+    return (TENSOR_CORE, reason) if be is not None else (WEIGHT_ONLY, reason)
+
+
+def _prepare(w: nn.Parameter) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and its scales in the GEMM's layout, cached on the parameter."""
+    w.mm = prepare_weight(w.data, w.partner.data, w.tc_backend)
+    return w.mm
+
+
+def _maybe_prepare(w: nn.Parameter) -> None:
+    if getattr(w, "tc_backend", None) is not None and w.loaded and w.partner is not None and w.partner.loaded:
+        _prepare(w)
 
 
 def _load_scale(param: nn.Parameter, src, shard_id=None) -> None:
     param.data.copy_(_slice(src, param.rows, param.cols))
     param.loaded = True
     _maybe_dequant(param.partner)
+    _maybe_prepare(param.partner)
 
 
 def _maybe_dequant(w: nn.Parameter) -> None:

@@ -13,6 +13,7 @@ from collections import deque
 
 from services.inference.config import EngineConfig
 from services.inference.engine.block_manager import BlockManager
+from services.inference.engine.compute_thread import ComputeThread
 from services.inference.engine.model_runner import ModelRunner
 from services.inference.engine.sampler import new_generator, sample
 from services.inference.engine.scheduler import Chunk, Scheduler, StepPlan
@@ -44,7 +45,8 @@ def eos_token_ids(model_dir: str, hf_config) -> tuple[int, ...]:
 class LLMEngine:
     """Implements services.inference.types.Engine over a ModelRunner (rank 0 of the group)."""
 
-    def __init__(self, config: EngineConfig, runner: ModelRunner, group=None):
+    def __init__(self, config: EngineConfig, runner: ModelRunner, group=None, thread: ComputeThread | None = None):
+        """thread: the thread that built the runner; the step loop runs on it (see compute_thread.py)."""
         self.config, self.runner, self.group = config, runner, group
         from privlm.telemetry import instruments   # no-op meters unless the process set up telemetry
 
@@ -70,8 +72,8 @@ class LLMEngine:
         self._error = ""
         self._stopping = False
         self._stats = EngineStats()
-        self._thread = threading.Thread(target=self._loop, name="privlm-engine", daemon=True)
-        self._thread.start()
+        self._thread = thread or ComputeThread()
+        self._thread.run_last(self._loop)
 
     # -- public API --------------------------------------------------------------------------
     @property
@@ -152,6 +154,13 @@ class LLMEngine:
         if self.group is not None:
             for r, b in enumerate(self.group.weight_bytes):
                 s.extra[f"weight_bytes_rank{r}"] = float(b)
+        # Model figures (DeepSeek: expert load imbalance, fp8_tensor_core_fraction). engine_stats()
+        # reads only a CPU snapshot the model publishes from the loop thread after each forward,
+        # never the live (possibly GPU) counters: no device work from this thread, so no race with
+        # a running step or a CUDA-graph capture. For tp > 1 rank 0's counts equal every rank's.
+        model_stats = getattr(self.runner.model, "engine_stats", None)
+        if model_stats is not None:
+            s.extra.update(model_stats())
         return s
 
     def shutdown(self) -> None:
