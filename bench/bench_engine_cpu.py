@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.hf_baseline import decode_rate, hf_token_times  # noqa: E402
+from bench.hf_baseline import HFProcess, decode_rate  # noqa: E402
 from bench.report import report  # noqa: E402
 
 
@@ -56,26 +56,6 @@ def _submit(engine, rid, prompt, n):
     return tl
 
 
-class HFBaseline:
-    """transformers generate() in bf16 on the same weights and threads; decode tokens/s per run."""
-
-    def __init__(self, model_dir: str):
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16,
-                                                          local_files_only=True).eval()
-
-    def rate(self, prompt: list[int], n: int) -> float:
-        return decode_rate(hf_token_times(self.model, prompt, n)[1][1:])   # stamp 0 is the prompt
-
-
-def hfdecode_rate(model_dir: str, prompt: list[int], n: int, reps: int) -> float:
-    hf = HFBaseline(model_dir)
-    hf.rate(prompt, n)                                    # warm-up with the same shapes
-    return statistics.median(hf.rate(prompt, n) for _ in range(reps))
-
-
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
@@ -87,13 +67,11 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--budget", type=int, default=512)
     args = ap.parse_args(argv)
 
-    # OpenMP waiting policy (libgomp), set before the first torch import; applies to the engine and
-    # the HF baseline alike (same process). On shared cores, long spinning costs a scheduler timeslice
-    # per parallel region (26x slower decode steps measured here); purely passive waits cost a futex
-    # wake-up per GEMV (~8 ms per decode step when quiet). A short spin gets most of both. ACTIVE
-    # matters too: libgomp otherwise throttles the spin to 100 iterations as soon as two threads
-    # (here the engine loop thread and the main thread) have run parallel regions, which made GEMVs
-    # on the engine thread ~40% slower than on the main thread.
+    # OpenMP waiting policy (libgomp), set before the first torch import; the HF baseline's child
+    # process inherits it. On shared cores, long spinning costs a scheduler timeslice per parallel
+    # region (26x slower decode steps measured here); purely passive waits cost a futex wake-up per
+    # GEMV (~8 ms per decode step when quiet). A short spin gets most of both. `privlm up` sets the
+    # same for a tp=1 worker.
     if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
         os.environ.update(OMP_WAIT_POLICY="ACTIVE", GOMP_SPINCOUNT="3000")
     import torch
@@ -106,7 +84,7 @@ def main(argv: list[str]) -> None:
     model_dir = str(prepare(log=lambda *a: None))
     n = args.new_tokens
     prompt = [1] + [(i * 7919) % 40000 + 100 for i in range(127)]          # 128 tokens
-    hf = None if args.skip_hf else HFBaseline(model_dir)
+    hf = None if args.skip_hf else HFProcess(model_dir, args.threads)     # its own process: see HFProcess
 
     cfg = EngineConfig(model=model_dir, dtype="bfloat16", threads=args.threads, max_num_seqs=32,
                        max_num_batched_tokens=args.budget, prefill_chunk=args.prefill_chunk,
@@ -158,7 +136,8 @@ def main(argv: list[str]) -> None:
                bs1_tok_s=round(bs1, 2), aggregate_runs=[round(x, 1) for x, _ in aggs],
                whole_run_tok_s_incl_prefill=round(whole, 2), whole_run_ratio=round(whole / bs1, 2), requests=16,
                new_tokens=n, threads=args.threads)
-        del hf
+        if hf:
+            hf.close()
 
         # short-request TTFT, idle vs while a 5k-token prompt prefills (chunked)
         short = [1] + [(i * 31 + 5) % 40000 + 100 for i in range(31)]

@@ -124,6 +124,7 @@ def run_follower(config: EngineConfig) -> None:
 
 def create_engine(config: EngineConfig):
     """Build rank 0's engine (spawning local follower ranks when needed); returns an Engine."""
+    from services.inference.engine.compute_thread import ComputeThread
     from services.inference.engine.engine import LLMEngine
     from services.inference.engine.model_runner import ModelRunner
 
@@ -140,17 +141,19 @@ def create_engine(config: EngineConfig):
         comm, group = start_local_group(config)
     else:
         comm = Comm(device=_device(config, 0) if config.device == "cuda" else "cpu")
+    thread = ComputeThread()        # builds the model and then runs every step (compute_thread.py)
     try:
-        runner = ModelRunner(config, comm)
+        runner = thread.call(lambda: ModelRunner(config, comm))
         if group is not None:
             group.weight_bytes = comm.all_gather_int(runner.weight_bytes)
             group.total_parameters = sum(comm.all_gather_int(runner.parameters_local))
     except Exception:
+        thread.run_last(lambda: None)
         if group is not None:
             for p in group.procs:
                 p.kill()
         raise
-    engine = LLMEngine(config, runner, group)
+    engine = LLMEngine(config, runner, group, thread)
     if group is not None:
         group.watch(engine.mark_dead)
     return engine
