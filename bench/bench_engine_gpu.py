@@ -70,16 +70,19 @@ def check_tiny() -> bool:
         path = build("llama", Path(d) / "tiny")
         prompts = [[1, 17, 99, 23, 5], [1] + list(range(30, 70)), [1, 200, 201]]
         refs = [hf_greedy(path, p, 24) for p in prompts]
-        eng = create_engine(EngineConfig(model=str(path), dtype="float32", device="cuda"))
-        try:
-            alone = [generate(eng, [p], 24)[0] for p in prompts]
-            together = generate(eng, prompts, 24)
-        finally:
-            eng.shutdown()
-        torch.cuda.empty_cache()
-    ok = alone == refs and together == refs
-    print(f"# tiny llama on cuda: greedy equal to transformers alone={alone == refs} batched={together == refs}",
-          flush=True)
+        ok = True
+        for tp in (1, 2) if torch.cuda.device_count() >= 2 else (1,):
+            eng = create_engine(EngineConfig(model=str(path), dtype="float32", device="cuda", tp=tp))
+            try:
+                alone = [generate(eng, [p], 24)[0] for p in prompts]
+                together = generate(eng, prompts, 24)
+                path_used = eng.runner.comm.all_reduce_path
+            finally:
+                eng.shutdown()
+            torch.cuda.empty_cache()
+            ok = ok and alone == refs and together == refs
+            print(f"# tiny llama on cuda tp={tp} ({path_used}): greedy equal to transformers "
+                  f"alone={alone == refs} batched={together == refs}", flush=True)
     return ok
 
 
@@ -109,23 +112,53 @@ def _profile_decode(runner) -> None:
     runner.graphs = graphs
 
 
-def tp2_rate(cfg, prompt, n, reps):
-    """Batch-1 decode tokens/s at TP=2 (rank 1 spawned on the second GPU); graphs first, else eager."""
+TP2_VARIANTS = {                     # label -> EngineConfig overrides; "default" is the shipped config
+    "default": {},
+    "nccl_graphs": {"custom_all_reduce": False, "cuda_graphs_tp": True},
+    "nccl_eager": {"custom_all_reduce": False, "cuda_graphs_tp": False},
+}
+
+
+def _step_breakdown(engine) -> dict:
+    """Wrap rank 0's step pieces with timers: plan broadcast, execute (launch/replay), whole step."""
+    r, rec = engine.runner, {"broadcast": [], "execute": [], "step": []}
+
+    def timed(name, fn):
+        def w(*a):
+            t = time.perf_counter()
+            out = fn(*a)
+            rec[name].append(time.perf_counter() - t)
+            return out
+        return w
+
+    r.comm.broadcast_object = timed("broadcast", r.comm.broadcast_object)
+    r.execute = timed("execute", r.execute)
+    engine._step = timed("step", engine._step)
+    return rec
+
+
+def tp2_rate(cfg, prompt, n, reps, variants):
+    """Batch-1 decode at TP=2 (rank 1 spawned on the second GPU) for each variant:
+    {label: {tok_s, all_reduce_path, cuda_graphs_tp, step/broadcast/execute medians in ms}}."""
     import torch
 
     from services.inference.config import EngineConfig
     from services.inference.engine import create_engine
 
-    for graphs in (True, False):
+    out = {}
+    for label in variants:
+        kw = TP2_VARIANTS[label]
         with tempfile.TemporaryDirectory() as d:
             cfg.save_pretrained(d)
             try:
-                engine = create_engine(EngineConfig(model=d, dtype="bfloat16", device="cuda", tp=2,
-                                                    load_format="dummy", max_model_len=4096,
-                                                    kv_cache_bytes=4 << 30, cuda_graphs_tp=graphs))
+                ec = EngineConfig(model=d, dtype="bfloat16", device="cuda", tp=2, load_format="dummy",
+                                  max_model_len=4096, kv_cache_bytes=4 << 30, **kw)
+                engine = create_engine(ec)
                 try:
-                    rates = []
+                    rates, rec = [], _step_breakdown(engine)
                     for i in range(reps + 1):
+                        for v in rec.values():
+                            v.clear()
                         tl = _submit(engine, f"tp2-{i}", prompt, n)
                         if not tl.done.wait(180):
                             raise TimeoutError("tp2 request did not finish in 180 s")
@@ -133,15 +166,20 @@ def tp2_rate(cfg, prompt, n, reps):
                             raise RuntimeError(tl.events_error)
                         if i:
                             rates.append(decode_rate(tl.times))
+                    out[label] = {"tok_s": round(statistics.median(rates), 1),
+                                  "all_reduce_path": engine.runner.comm.all_reduce_path,
+                                  "cuda_graphs_tp": ec.cuda_graphs_tp,
+                                  **{f"{k}_ms": round(statistics.median(v[2:]) * 1e3, 3) for k, v in rec.items()}}
+                    print(f"# tp2 {label}: {out[label]}", flush=True)
                 finally:
                     engine.shutdown()
                 del engine
                 gc.collect()
                 torch.cuda.empty_cache()
-                return statistics.median(rates), graphs
-            except Exception as exc:                      # report and fall back to eager
-                print(f"# tp2 with cuda_graphs_tp={graphs} failed: {exc!r}", flush=True)
-    return None
+            except Exception as exc:                      # report, go on with the other variants
+                print(f"# tp2 {label} failed: {exc!r}", flush=True)
+                out[label] = {"error": repr(exc)[:300]}
+    return out
 
 
 def hf_rate(cfg, prompt, n, reps) -> float:
@@ -170,6 +208,8 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--tp2", action="store_true", help="also measure TP=2 on two GPUs (batch-1 decode)")
+    ap.add_argument("--tp2-variants", default="default,nccl_graphs",
+                    help=f"comma-separated TP=2 configurations among {sorted(TP2_VARIANTS)}")
     args = ap.parse_args(argv)
 
     import torch
@@ -194,13 +234,17 @@ def main(argv: list[str]) -> None:
                                             max_num_batched_tokens=8192))
         print(f"# engine up in {time.perf_counter() - t0:.1f}s", flush=True)
         try:
-            rates = []
+            rates, rec = [], _step_breakdown(engine)
             for i in range(args.reps + 1):
+                for v in rec.values():
+                    v.clear()
                 tl = _submit(engine, f"bs1-{i}", prompt, n)
                 tl.done.wait()
                 if i:
                     rates.append(decode_rate(tl.times))
             bs1 = statistics.median(rates)
+            tp1_steps = {f"{k}_ms": round(statistics.median(v[2:]) * 1e3, 3) for k, v in rec.items() if len(v) > 2}
+            print(f"# tp1 bs1: {bs1:.1f} tok/s {tp1_steps}", flush=True)
             r = engine.runner
             embed = r.model.model.embed_tokens.weight
             weight_read = r.weight_bytes - embed.numel() * embed.element_size()   # one embedding row per token
@@ -230,7 +274,7 @@ def main(argv: list[str]) -> None:
     torch.cuda.empty_cache()
     tp2 = None
     if args.tp2 and torch.cuda.device_count() >= 2:
-        tp2 = tp2_rate(cfg, prompt, n, args.reps)
+        tp2 = tp2_rate(cfg, prompt, n, args.reps, args.tp2_variants.split(","))
     hf = None if args.skip_hf else hf_rate(cfg, prompt, n, 2)
     gpu = torch.cuda.get_device_name(0)
     report("engine.gpu.decode_bs1_roofline", "fraction", bs1 / roofline, None, 0.7, engine_tok_s=round(bs1, 1),
@@ -238,9 +282,10 @@ def main(argv: list[str]) -> None:
            bytes_per_token=int(weight_read + kv_read), new_tokens=n, prompt_tokens=plen, gpu=gpu)
     report("engine.gpu.decode_bs1_vs_hf", "ratio", bs1 / hf if hf else 0.0, None, 3.0, engine_tok_s=round(bs1, 1),
            hf_bf16_tok_s=None if hf is None else round(hf, 1), gpu=gpu)
-    if tp2 is not None:
-        report("engine.gpu.tp2_vs_tp1_bs1", "ratio", tp2[0] / bs1, None, 1.6, tp1_tok_s=round(bs1, 1),
-               tp2_tok_s=round(tp2[0], 1), tp2_cuda_graphs=tp2[1], gpu=gpu)
+    if tp2 and "tok_s" in tp2.get("default", {}):
+        report("engine.gpu.tp2_vs_tp1_bs1", "ratio", tp2["default"]["tok_s"] / bs1, None, 1.6,
+               tp1_tok_s=round(bs1, 1), tp2_tok_s=tp2["default"]["tok_s"], variants=tp2,
+               tp1_step_ms=tp1_steps, gpu=gpu)
     report("engine.gpu.batch64_tok_s", "tokens/s", agg, None, None, decode_phase_tok_s=round(decode_agg, 1),
            requests=args.batch, new_tokens=n, prompt_tokens=plen, gpu=gpu)
 

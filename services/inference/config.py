@@ -31,7 +31,7 @@ class EngineConfig:
     rank_timeout_s: float = 60.0            # collective / rendezvous timeout between ranks
     load_format: str = "safetensors"        # "dummy": random weights of the right shapes (benchmarks)
     cuda_graphs: bool = True                # CUDA only: replay captured graphs for pure-decode steps
-    cuda_graphs_tp: bool = False            # CUDA graphs also at tp > 1 (NCCL inside the graph)
+    cuda_graphs_tp: bool = True             # CUDA graphs also at tp > 1 (all-reduces inside the graph)
     compile_kernels: bool = True            # CUDA only: torch.compile the small fused blocks (engine/ops.py)
     custom_all_reduce: bool = True          # CUDA, tp > 1: one-shot all-reduce over symmetric memory
                                             # (NVLink peer loads) for small tensors instead of NCCL

@@ -217,6 +217,10 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--max-queue", type=int, default=256)
+    ap.add_argument("--keep-fp8", action="store_true",
+                    help="FP8 block-scaled checkpoints (DeepSeek-V3/R1): keep weights in FP8 (CUDA: FP8 matmuls)")
+    ap.add_argument("--no-custom-all-reduce", dest="custom_all_reduce", action="store_false",
+                    help="CUDA tp > 1: use NCCL for every all-reduce (default: one-shot over NVLink for small tensors)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -226,7 +230,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
 
         model = str(prepare())
     return EngineConfig(model=model, tp=args.tp, backend=args.backend, dtype=args.dtype, device=args.device,
-                        max_num_seqs=args.max_num_seqs, max_queue=args.max_queue)
+                        max_num_seqs=args.max_num_seqs, max_queue=args.max_queue, keep_fp8=args.keep_fp8,
+                        custom_all_reduce=args.custom_all_reduce)
 
 
 def main(argv: list[str] | None = None) -> int:

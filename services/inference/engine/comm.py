@@ -19,6 +19,8 @@ class Comm:
         self.rank, self.size, self.pg, self.store = rank, size, pg, store
         self.cpu_pg = cpu_pg if cpu_pg is not None else pg      # control plane: plans, small ints
         self.device = torch.device(device)
+        self.symm = None                                         # SymmAllReduce when enabled (CUDA)
+        self.all_reduce_path = "none" if size == 1 else ("NCCL" if self.device.type == "cuda" else "gloo")
 
     @classmethod
     def create(cls, store, rank: int, size: int, device: str, timeout_s: float = 60.0) -> "Comm":
@@ -39,8 +41,18 @@ class Comm:
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """In-place sum across ranks."""
         if self.size > 1:
+            if self.symm is not None and self.symm.fits(t):
+                return self.symm.all_reduce_(t)
             self.pg.allreduce([t]).wait()
         return t
+
+    def enable_custom_all_reduce(self, dtype: torch.dtype) -> str:
+        """CUDA, size > 1: one-shot all-reduce for small tensors (symm_all_reduce.py). Collective."""
+        if self.size > 1 and self.device.type == "cuda":
+            from services.inference.engine.symm_all_reduce import try_enable
+
+            self.all_reduce_path = try_enable(self, dtype)
+        return self.all_reduce_path
 
     def gather_cat(self, t: torch.Tensor) -> torch.Tensor | None:
         """Concatenate equal-shaped [N, P] shards along dim -1 on rank 0 (None elsewhere)."""
@@ -51,20 +63,36 @@ class Comm:
         self.pg.allgather([outs], [t]).wait()
         return torch.cat(outs, dim=-1) if self.rank == 0 else None
 
+    HEADER = 16384                  # bytes of a plan sent in the first (usually only) broadcast
+
     def broadcast_object(self, obj=None):
-        """Send a picklable object from rank 0 to all ranks (two collectives: length, bytes)."""
+        """Send a picklable object from rank 0 to all ranks.
+
+        One gloo broadcast of a fixed HEADER-byte buffer ([8-byte length | payload]) carries any
+        object that fits (every decode plan of a normal batch); a larger one needs a second
+        broadcast for the rest. One host round trip per step instead of two."""
         if self.size == 1:
             return obj
+        head = torch.zeros(self.HEADER, dtype=torch.uint8)
         if self.rank == 0:
-            data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
-            length = torch.tensor([data.numel()], dtype=torch.int64)
-        else:
-            length = torch.zeros(1, dtype=torch.int64)
-        self.cpu_pg.broadcast(length, 0).wait()
-        if self.rank != 0:
-            data = torch.empty(int(length.item()), dtype=torch.uint8)
-        self.cpu_pg.broadcast(data, 0).wait()
-        return obj if self.rank == 0 else pickle.loads(data.numpy().tobytes())
+            data = pickle.dumps(obj)
+            n = len(data)
+            head[:8] = torch.tensor([n], dtype=torch.int64).view(torch.uint8)
+            first = min(n, self.HEADER - 8)
+            head[8:8 + first] = torch.frombuffer(bytearray(data[:first]), dtype=torch.uint8)
+        self.cpu_pg.broadcast(head, 0).wait()
+        if self.rank == 0:
+            if n > self.HEADER - 8:
+                rest = torch.frombuffer(bytearray(data[self.HEADER - 8:]), dtype=torch.uint8)
+                self.cpu_pg.broadcast(rest, 0).wait()
+            return obj
+        n = int(head[:8].view(torch.int64).item())
+        data = head[8:8 + min(n, self.HEADER - 8)].numpy().tobytes()
+        if n > self.HEADER - 8:
+            rest = torch.empty(n - (self.HEADER - 8), dtype=torch.uint8)
+            self.cpu_pg.broadcast(rest, 0).wait()
+            data += rest.numpy().tobytes()
+        return pickle.loads(data)
 
     def all_gather_int(self, value: int) -> list[int]:
         if self.size == 1:

@@ -35,6 +35,8 @@ class ModelRunner:
         self.architecture = (getattr(self.hf_config, "architectures", None) or ["?"])[0]
         self.dtype = DTYPES[config.dtype]
         self.device = comm.device
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)    # per thread: this one (the compute thread) runs every step
         self.max_model_len = min(config.max_model_len or context_window(self.hf_config),
                                  context_window(self.hf_config))
         cls = model_class(self.architecture)
@@ -53,6 +55,8 @@ class ModelRunner:
             else:
                 self.weight_bytes_read = load_weights(self.model, config.model)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        if config.custom_all_reduce:
+            comm.enable_custom_all_reduce(self.dtype)          # collective; CUDA tp > 1 only
         if self.device.type == "cpu" and self.dtype == torch.bfloat16:
             from services.inference.engine.layers import prepack_cpu
 
@@ -78,7 +82,7 @@ class ModelRunner:
             from services.inference.engine import ops
 
             ops.enable_compile()
-        # tp > 1 captures NCCL all-reduces inside the graphs: opt-in (cuda_graphs_tp) until proven.
+        # tp > 1 captures the all-reduces (one-shot or NCCL) inside the graphs (cuda_graphs_tp).
         if self.device.type == "cuda" and config.cuda_graphs and (comm.size == 1 or config.cuda_graphs_tp):
             from services.inference.engine.cuda_graphs import DecodeGraphs
 
