@@ -34,7 +34,7 @@ def quantize_block(w: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tupl
     out, inn = w.shape
     b0, b1 = block
     R, C = ceil(out / b0), ceil(inn / b1)
-    padded = torch.zeros(R * b0, C * b1, dtype=torch.float32)
+    padded = torch.zeros(R * b0, C * b1, dtype=torch.float32, device=w.device)
     padded[:out, :inn] = w.float()
     blocks = padded.view(R, b0, C, b1)                                    # [R, b0, C, b1]
     amax = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12)                 # [R, C]

@@ -102,7 +102,14 @@ def prepare_weight(w: torch.Tensor, scale_inv: torch.Tensor, be: Backend) -> tup
     s = scale_inv.float()[:ceil(Np / BLOCK), :Kp // BLOCK]
     if be.pad_l4:
         s = F.pad(s, (0, (-s.shape[1]) % 4))
-    return w.contiguous(), s.contiguous().t()
+    return w.contiguous(), outer_major(s.t())                               # [L(4), Nb], stride (1, L(4))
+
+
+def outer_major(s: torch.Tensor) -> torch.Tensor:
+    """A copy of s [R, C] with strides exactly (1, R) (column-major), also when R or C is 1, where
+    `.t().contiguous().t()` would keep ambiguous row-major strides."""
+    out = torch.empty_strided(s.shape, (1, s.shape[0]), dtype=s.dtype, device=s.device)
+    return out.copy_(s)
 
 
 def _mm(be: Backend, a: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sb: torch.Tensor) -> torch.Tensor:
@@ -120,8 +127,8 @@ def _emulated_mm(a: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sb: torch.T
     tests check prepare_weight/blockwise_linear's padding and layouts; never used for serving."""
     M, Kp = a.shape
     G = Kp // BLOCK
-    assert sa.shape == (M, G) and sa.stride(0) == 1, (sa.shape, sa.stride())
-    assert sb.stride(0) == 1 and sb.shape[0] >= G, (sb.shape, sb.stride())
+    assert sa.shape == (M, G) and sa.stride() == (1, M), (sa.shape, sa.stride())
+    assert sb.shape[0] >= G and sb.stride() == (1, sb.shape[0]), (sb.shape, sb.stride())
     af = (a.float().view(M, G, BLOCK) * sa.unsqueeze(-1)).view(M, Kp)
     sw = sb[:G].t().repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)[:w.shape[0]]   # [Np, Kp]
     return (af @ (w.float() * sw).t()).to(torch.bfloat16)
@@ -140,16 +147,16 @@ def blockwise_linear(x: torch.Tensor, w: torch.Tensor, sb: torch.Tensor, n_out: 
     if Mp != M:
         x2 = F.pad(x2, (0, 0, 0, Mp - M))
     q, sa = quantize_act_1x128(x2)                                          # [Mp, Kp], [Mp, G]
-    y = _mm(be, q, sa.t().contiguous().t(), w, sb)                          # [Mp, Np] bf16
+    y = _mm(be, q, outer_major(sa), w, sb)                                  # [Mp, Np] bf16
     return y[:M, :n_out].to(out_dtype).reshape(*lead, n_out)
 
 
 def probe(device: torch.device | str) -> tuple[Backend | None, str, list[str]]:
     """Find the blockwise scaled-mm variant that works on `device` (cached per device).
 
-    Each candidate runs M=3, N=256, K=384 (K blocks 3: exercises the L4 padding, odd M the row
-    alignment) and must match fp8_block_matmul_reference within 2% of its largest value (bf16
-    output: ~0.4% expected). Returns (backend or None, reason, one line per candidate tried)."""
+    Each candidate runs N=256, K=384 (K blocks 3: exercises the L4 padding) at M=3 and M=1 (row
+    alignment, decode) and must match fp8_block_matmul_reference within 2% of its largest value
+    (bf16 output: ~0.4% expected). Returns (backend or None, reason, one line per candidate tried)."""
     dev = torch.device(device)
     key = str(dev)
     if key in _PROBED:
@@ -173,8 +180,10 @@ def probe(device: torch.device | str) -> tuple[Backend | None, str, list[str]]:
                     be = Backend(api, pad_l4, m_align)
                     try:
                         wp, sb = prepare_weight(wq, ws, be)
-                        y = blockwise_linear(x, wp, sb, 256, be, torch.float32)
-                        err = float((y - ref).abs().max() / ref.abs().max())
+                        y = torch.cat([blockwise_linear(x, wp, sb, 256, be, torch.float32),
+                                       blockwise_linear(x[:1], wp, sb, 256, be, torch.float32)])
+                        want = torch.cat([ref, ref[:1]])
+                        err = float((y - want).abs().max() / want.abs().max())
                         tried.append(f"{be}: rel err {err:.2e}")
                         if err < 2e-2:
                             result = (be, f"{api} blockwise 1x128 x 128x128 (pad_l4={pad_l4}, m_align={m_align})")

@@ -93,7 +93,9 @@ class MoE(nn.Module):
                              persistent=False)
         self.register_buffer("computed_pairs", torch.zeros((), dtype=torch.long, device=device), persistent=False)
         # "grouped": torch grouped GEMM over the stacked experts, no host sync (default on CUDA, bf16);
-        # "loop": one GEMM pair per expert that received tokens (default on CPU)
+        # "loop": one GEMM pair per expert that received tokens (default on CPU);
+        # "masked": every local expert on every token, no host sync (what "loop" becomes while a
+        # CUDA graph is captured: FP8 or fp32 experts on CUDA)
         # (CUDA's grouped GEMM is a bf16 kernel; other dtypes there take the loop)
         cuda = torch.device(device or "cpu").type == "cuda"
         self.impl = "grouped" if (cuda and _GROUPED_MM and dtype == torch.bfloat16 and not fp8) else "loop"
@@ -124,15 +126,26 @@ class MoE(nn.Module):
         owner = self.owners[flat, tok % self.n_rep[flat]]
         lid = torch.where(owner == self.rank, self.local_index[flat], len(self.local))
         self.computed_pairs += (lid < len(self.local)).sum()
-        out = (self._grouped if self.impl == "grouped" else self._loop)(x, w.flatten(), lid, tok)
+        impl = self.impl
+        if impl == "loop" and x.is_cuda and torch.cuda.is_current_stream_capturing():
+            impl = "masked"                          # the loop's host sync cannot be captured
+        out = {"grouped": self._grouped, "loop": self._loop, "masked": self._masked}[impl](x, w.flatten(), lid, tok)
         if self.shared_experts is not None:
             out += self.shared_experts(x)
         return out
 
+    def _expert(self, j: int, x: torch.Tensor) -> torch.Tensor:
+        """Local expert j on rows x [c, H] -> [c, H]."""
+        if self.w13.dtype == FP8:                                             # FP8 Linears (weights.Linear)
+            return self.experts[str(self.local[j])](x)
+        I = self.cfg.moe_intermediate_size
+        gu = F.linear(x, self.w13[j])                                         # [c, 2I]
+        return F.linear(F.silu(gu[:, :I]) * gu[:, I:], self.w2[j])            # [c, H]
+
     def _loop(self, x, w, lid, tok) -> torch.Tensor:
         """Group pairs by local expert with one sort and one host sync for the counts."""
         out = torch.zeros_like(x)
-        n, I = len(self.local), self.cfg.moe_intermediate_size
+        n = len(self.local)
         order = lid.argsort(stable=True)
         counts = torch.bincount(lid, minlength=n + 1)[:n]
         starts, local_counts = torch.stack([counts.cumsum(0) - counts, counts]).tolist()
@@ -140,12 +153,21 @@ class MoE(nn.Module):
             if c == 0:
                 continue
             pairs = order[s:s + c]                                            # flat (token, slot) ids
-            if self.w13.dtype == FP8:                                         # weight-only FP8
-                ye = self.experts[str(self.local[j])](x[tok[pairs]])
-            else:
-                gu = F.linear(x[tok[pairs]], self.w13[j])                     # [c, 2I]
-                ye = F.linear(F.silu(gu[:, :I]) * gu[:, I:], self.w2[j])      # [c, H]
+            ye = self._expert(j, x[tok[pairs]])
             out.index_add_(0, tok[pairs], (ye * w[pairs, None]).to(out.dtype))
+        return out
+
+    def _masked(self, x, w, lid, tok) -> torch.Tensor:
+        """Every local expert on all N tokens, scaled by the token's routing weight for it (0 when
+        not routed to it or computed on another rank). No host synchronisation, so it can be
+        captured; it reads every local expert's weights each step (fine for decode at large batch,
+        wasteful at batch 1). A token picks an expert at most once, so no pair is lost."""
+        N, n = x.shape[0], len(self.local)
+        coef = torch.zeros(N * (n + 1), dtype=torch.float32, device=x.device)
+        coef = coef.scatter_add_(0, tok * (n + 1) + lid, w.float()).view(N, n + 1)   # column n: elsewhere
+        out = torch.zeros_like(x)
+        for j in range(n):
+            out += (self._expert(j, x) * coef[:, j:j + 1]).to(out.dtype)    # as _loop: weight in float32
         return out
 
     def _grouped(self, x, w, lid, tok) -> torch.Tensor:

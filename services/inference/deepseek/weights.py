@@ -101,7 +101,7 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if self.fp8_mode == TENSOR_CORE and w.dtype == FP8:
-            mm = getattr(w, "mm", None) or _prepare(w)
+            mm = getattr(w, "gemm_operands", None) or _prepare(w)
             return blockwise_linear(x, mm[0], mm[1], w.shape[0], w.tc_backend, x.dtype)
         return torch.nn.functional.linear(x, self.dense_weight())
 
@@ -121,8 +121,8 @@ def _choose_mode(device: torch.device, rows, cols, block, tensor_core: bool) -> 
 
 def _prepare(w: nn.Parameter) -> tuple[torch.Tensor, torch.Tensor]:
     """The weight and its scales in the GEMM's layout, cached on the parameter."""
-    w.mm = prepare_weight(w.data, w.partner.data, w.tc_backend)
-    return w.mm
+    w.gemm_operands = prepare_weight(w.data, w.partner.data, w.tc_backend)
+    return w.gemm_operands
 
 
 def _maybe_prepare(w: nn.Parameter) -> None:
