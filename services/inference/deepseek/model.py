@@ -161,17 +161,18 @@ class DeepseekV3ForCausalLM(nn.Module):
         CUDA copy goes to pinned memory asynchronously and becomes the published value once its event
         has completed (seen at a later call), and nothing is issued while a CUDA graph is captured.
         Decode steps replayed from a CUDA graph do not run this; the runner may call it after them."""
-        if not any(l.is_moe for l in self.model.layers):
+        moe = [l.mlp.tokens_per_expert for l in self.model.layers if l.is_moe]
+        if not moe:
             return
-        counts = torch.stack([l.mlp.tokens_per_expert for l in self.model.layers if l.is_moe])   # [L, E]
-        if counts.device.type != "cuda":
-            self._published_load = counts.clone()
+        if moe[0].device.type != "cuda":
+            self._published_load = torch.stack(moe)                           # [L, E], a new tensor
             return
         if torch.cuda.is_current_stream_capturing():
             return
         if self._pending_load is not None and self._pending_load[1].query():
             self._published_load, self._pending_load = self._pending_load[0], None
-        if self._pending_load is None:
+        if self._pending_load is None:                       # at most one copy in flight
+            counts = torch.stack(moe)                                          # [L, E] on the GPU
             host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
             host.copy_(counts, non_blocking=True)
             ev = torch.cuda.Event()
