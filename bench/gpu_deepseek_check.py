@@ -4,7 +4,8 @@ on CUDA, keep_fp8 through the engine. One run, JSON lines on stdout, < 5 minutes
     python3 bench/gpu_deepseek_check.py              # CUDA GPU (sm90 for the FP8 blockwise GEMM)
     python3 bench/gpu_deepseek_check.py --smoke      # CPU: checks this script (the FP8 kernel is
                                                      # emulated, engine parts on CPU, small shapes)
-    --parts a,b,c  subset; --v2lite-layers N  bench_deepseek.check depth (0 skips it)
+    --parts a,b,c  subset; --v2lite-layers N  bench_deepseek.check depth (0 skips it);
+    --budget-s S   the optional parts (c_engine_tp2, b_v2lite, run last) start only before S seconds
 
 Each part prints {"part": NAME, ...}; a part that fails prints {"part": NAME, "error": ...} and the
 next one still runs; the last line is {"part": "summary", ...} with every part's verdict.
@@ -43,6 +44,7 @@ for p in (str(ROOT), str(ROOT / "tests" / "deepseek")):
         sys.path.insert(0, p)
 
 VERDICTS: dict[str, str] = {}
+SHIM = False          # set by main(): no-op engine meters (opentelemetry missing)
 
 
 def emit(part: str, **kw) -> None:
@@ -58,7 +60,44 @@ def run_part(name: str, fn, *args) -> None:
         VERDICTS[name] = "error"
         emit(name, error=f"{type(exc).__name__}: {exc}"[:800],
              trace=traceback.format_exc().splitlines()[-6:])
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     emit(name + ".time", seconds=round(time.perf_counter() - t0, 1))
+
+
+class _NoOpInstruments:
+    """Stand-in for privlm.telemetry.instruments.get() where opentelemetry is not installed."""
+
+    def __getattr__(self, name):
+        return lambda *a, **k: None
+
+
+def telemetry_shim() -> bool:
+    """LLMEngine imports privlm.telemetry.instruments, which imports opentelemetry at module level;
+    the GPU machines have no opentelemetry. Engine parts need no telemetry, so register no-op meters
+    in that case (reported in the env line). Returns True when the shim was installed."""
+    try:
+        import opentelemetry.metrics  # noqa: F401
+        return False
+    except ImportError:
+        import types
+
+        mod = types.ModuleType("privlm.telemetry.instruments")
+        mod.get = lambda: _NoOpInstruments()
+        sys.modules["privlm.telemetry.instruments"] = mod
+        import privlm.telemetry as tel
+
+        tel.instruments = mod
+        return True
+
+
+def within_budget(name: str, t0: float, budget_s: float) -> bool:
+    spent = time.perf_counter() - t0
+    if spent > budget_s:
+        VERDICTS[name] = "skipped"
+        emit(name, skipped=f"time budget: {spent:.0f} s spent > --budget-s {budget_s:.0f}")
+        return False
+    return True
 
 
 def timed_us(fn, dev, iters: int) -> float:
@@ -98,6 +137,7 @@ def part_env(dev):
     from services.inference.deepseek.fp8_matmul import probe
 
     info = dict(torch=torch.__version__, transformers=transformers.__version__, python=sys.version.split()[0],
+                telemetry_noop_shim=SHIM,
                 has_F_scaled_mm=hasattr(F, "scaled_mm"), has_torch__scaled_mm=hasattr(torch, "_scaled_mm"),
                 device=str(dev))
     if dev.type == "cuda":
@@ -409,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", default="env,a,b,c", help="comma list of env,a,b,c")
     ap.add_argument("--new", type=int, default=16, help="greedy tokens per prompt")
     ap.add_argument("--v2lite-layers", type=int, default=8, help="bench_deepseek.check depth; 0 skips")
+    ap.add_argument("--budget-s", type=float, default=200.0,
+                    help="optional parts (c_engine_tp2, b_v2lite) start only before this many seconds")
     args = ap.parse_args(argv)
     parts = set(args.parts.split(","))
     if not args.smoke and not torch.cuda.is_available():
@@ -421,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = False
     else:
         torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+    global SHIM
+    SHIM = telemetry_shim()
     t0 = time.perf_counter()
     if "env" in parts:
         run_part("env", part_env, dev)
@@ -436,28 +480,32 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001
             emit("tiny_model", error=f"{type(exc).__name__}: {exc}"[:800])
             parts -= {"b", "c"}
+        fp8, deq = tmp / "fp8", tmp / "deq"
         if "b" in parts:
             for dt in (torch.float32, torch.bfloat16):
                 run_part("b_tiny_" + str(dt)[6:], part_b_tiny, dev, folder, dt, args.new)
             for dt, ref in ((torch.float32, "hf"), (torch.bfloat16, "native")):
                 run_part("b_engine_" + str(dt)[6:], part_engine, dev, folder, dt, args.new,
                          "b_engine_" + str(dt)[6:], ref)
-            if args.v2lite_layers and not args.smoke:
-                run_part("b_v2lite", part_v2lite, dev, args.v2lite_layers)
         if "c" in parts:
             from services.inference.deepseek.fp8 import dequantize_checkpoint, quantize_checkpoint
 
-            fp8, deq = tmp / "fp8", tmp / "deq"
             quantize_checkpoint(folder, fp8)
             dequantize_checkpoint(fp8, deq)
             run_part("c_fp8", part_c, dev, fp8, deq, args.new)
             run_part("c_engine", part_engine, dev, fp8, torch.bfloat16, args.new, "c_engine", "native", True)
-            if dev.type == "cpu" or torch.cuda.device_count() >= 2:            # CPU smoke: gloo
+        # optional, longest last: skipped (said so) once the time budget is spent
+        if "c" in parts and (dev.type == "cpu" or torch.cuda.device_count() >= 2):     # CPU smoke: gloo
+            if within_budget("c_engine_tp2", t0, args.budget_s):
                 run_part("c_engine_tp2", part_engine, dev, fp8, torch.bfloat16, args.new, "c_engine_tp2", "native",
                          True, 2)
+        if "b" in parts and args.v2lite_layers and not args.smoke:
+            if within_budget("b_v2lite", t0, args.budget_s):
+                run_part("b_v2lite", part_v2lite, dev, args.v2lite_layers)
     emit("summary", verdicts=VERDICTS, seconds=round(time.perf_counter() - t0, 1),
-         legend="ok: checked and passed; FAIL: checked and failed; info: figures only; error: could not run")
-    return 0 if all(v in ("ok", "info") for v in VERDICTS.values()) else 1
+         legend="ok: checked and passed; FAIL: checked and failed; info: figures only; error: could not run; "
+                "skipped: time budget")
+    return 0 if all(v in ("ok", "info", "skipped") for v in VERDICTS.values()) else 1
 
 
 if __name__ == "__main__":
