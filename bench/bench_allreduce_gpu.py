@@ -92,7 +92,10 @@ def main(argv: list[str]) -> None:
     mp.spawn(_rank, args=(port, out), nprocs=2, join=True)
     res = json.loads(Path(out).read_text())
     b1 = res["rows"][0]
-    report("allreduce.gpu2.oneshot_vs_nccl_us", "us", b1["oneshot_us"] or 0.0, b1["nccl_us"], None, better="lower",
+    if b1["oneshot_us"] is None:
+        print(json.dumps({"name": "allreduce.gpu2.oneshot_vs_nccl_us", "error": res["path"], "rows": res["rows"]}))
+        return
+    report("allreduce.gpu2.oneshot_vs_nccl_us", "us", b1["oneshot_us"], b1["nccl_us"], None, better="lower",
            path=res["path"], rows=res["rows"], calls_per_graph=CALLS, gpu=torch.cuda.get_device_name(0))
 
 

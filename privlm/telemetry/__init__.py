@@ -1,9 +1,26 @@
 """privlm observability: OpenTelemetry tracing and metrics, an embedded OTLP receiver, reports.
 
 Nothing here configures anything at import time: entrypoints call setup_telemetry(config) once.
+Names are imported lazily, so that `from privlm.telemetry import instruments` (the engine's
+meters) needs only opentelemetry-api, not the gRPC instrumentation.
 """
-from privlm.telemetry.config import TelemetryConfig
-from privlm.telemetry.interceptors import client_interceptors, server_interceptors
-from privlm.telemetry.setup import Telemetry, init_service, setup_telemetry
+from __future__ import annotations
 
-__all__ = ["Telemetry", "TelemetryConfig", "init_service", "setup_telemetry", "server_interceptors", "client_interceptors"]
+import importlib
+
+_EXPORTS = {
+    "TelemetryConfig": "privlm.telemetry.config",
+    "client_interceptors": "privlm.telemetry.interceptors",
+    "server_interceptors": "privlm.telemetry.interceptors",
+    "Telemetry": "privlm.telemetry.setup",
+    "init_service": "privlm.telemetry.setup",
+    "setup_telemetry": "privlm.telemetry.setup",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'privlm.telemetry' has no attribute {name!r}")

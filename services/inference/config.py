@@ -35,6 +35,8 @@ class EngineConfig:
     compile_kernels: bool = True            # CUDA only: torch.compile the small fused blocks (engine/ops.py)
     custom_all_reduce: bool = True          # CUDA, tp > 1: one-shot all-reduce over symmetric memory
                                             # (NVLink peer loads) for small tensors instead of NCCL
+    plan_channel: str = "auto"              # step plans to follower ranks: "shm" (shared memory, ranks on
+                                            # one host), "gloo", or "auto" (shm for CUDA local groups)
     keep_fp8: bool = False                  # FP8 block-scaled checkpoints (DeepSeek): weights stay FP8
                                             # and run FP8 tensor-core matmuls (CUDA, sm89+ only)
 
@@ -49,6 +51,7 @@ class EngineConfig:
         check(self.max_queue >= 1, "max_queue must be >= 1")
         check(self.prefill_chunk is None or self.prefill_chunk >= 1, "prefill_chunk must be >= 1")
         check(self.load_format in ("safetensors", "dummy"), "load_format must be 'safetensors' or 'dummy'")
+        check(self.plan_channel in ("auto", "shm", "gloo"), "plan_channel must be 'auto', 'shm' or 'gloo'")
 
 
 @dataclass(frozen=True)

@@ -58,3 +58,60 @@ def test_all_reduce_sums_and_cpu_path_is_gloo(comms):
     # custom all-reduce is a CUDA-only path: on CPU it stays off and says so
     assert comms[0].enable_custom_all_reduce(torch.float32) == "gloo"
     assert comms[0].symm is None
+
+
+def test_shm_channel_between_processes_small_and_overflow():
+    """A real second process reads plans from shared memory, including one over capacity (gloo fallback
+    stand-in: a pipe), in order, and acknowledges each before the next is written."""
+    import multiprocessing as mp
+
+    from services.inference.engine.shm_channel import ShmChannel
+
+    ch = ShmChannel(None, 0, 2, capacity=1024)
+    ctx = mp.get_context("spawn")
+    side, back = ctx.Pipe()
+    proc = ctx.Process(target=_shm_follower, args=(ch.name, back))
+    proc.start()
+    try:
+        msgs = [{"i": i, "blob": b"x" * (10 if i != 2 else 5000)} for i in range(5)] + [None]
+        for m in msgs:
+            ch.send(m, side.send)                          # > 1024 bytes: goes through the pipe
+        assert side.recv() == msgs[:-1]
+        proc.join(30)
+        assert proc.exitcode == 0
+    finally:
+        ch.close()
+
+
+def _shm_follower(name, conn):
+    from services.inference.engine.shm_channel import ShmChannel
+
+    ch = ShmChannel(name, 1, 2)
+    got = []
+    while True:
+        m = ch.recv(conn.recv)
+        if m is None:
+            break
+        got.append(m)
+    conn.send(got)
+    ch.close()
+
+
+def test_tp2_engine_with_shm_plans_matches_gloo(tmp_path):
+    """The same greedy tokens whichever channel carries the plans (CPU, two real ranks)."""
+    from services.inference.config import EngineConfig
+    from services.inference.engine import create_engine
+    from tests.inference.engine_helpers import generate
+    from tests.inference.tiny_models import build
+
+    path = build("llama", tmp_path / "tiny")
+    prompts = [[1, 17, 99, 23, 5], [1] + list(range(30, 50))]
+    out = {}
+    for ch in ("shm", "gloo"):
+        eng = create_engine(EngineConfig(model=str(path), dtype="float32", tp=2, threads=1, plan_channel=ch))
+        try:
+            assert (eng.runner.comm.channel is not None) == (ch == "shm")
+            out[ch] = generate(eng, prompts, 12)
+        finally:
+            eng.shutdown()
+    assert out["shm"] == out["gloo"]

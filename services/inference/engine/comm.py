@@ -20,6 +20,7 @@ class Comm:
         self.cpu_pg = cpu_pg if cpu_pg is not None else pg      # control plane: plans, small ints
         self.device = torch.device(device)
         self.symm = None                                         # SymmAllReduce when enabled (CUDA)
+        self.channel = None                                      # ShmChannel for plans (local groups)
         self.all_reduce_path = "none" if size == 1 else ("NCCL" if self.device.type == "cuda" else "gloo")
 
     @classmethod
@@ -66,13 +67,43 @@ class Comm:
     HEADER = 16384                  # bytes of a plan sent in the first (usually only) broadcast
 
     def broadcast_object(self, obj=None):
-        """Send a picklable object from rank 0 to all ranks.
+        """Send a picklable object from rank 0 to all ranks (shared memory when enabled)."""
+        if self.size == 1:
+            return obj
+        if self.channel is not None:
+            if self.rank == 0:
+                self.channel.send(obj, self._gloo_broadcast_object)
+                return obj
+            return self.channel.recv(self._gloo_broadcast_object)
+        return self._gloo_broadcast_object(obj)
+
+    def enable_shm_plans(self, offer: bool = False) -> bool:
+        """Collective: rank 0 offers a shared-memory plan channel (only when every rank is on its
+        host); followers attach. Returns whether plans now go through shared memory."""
+        if self.size == 1:
+            return False
+        from services.inference.engine.shm_channel import ShmChannel
+
+        if self.rank == 0:
+            ch = ShmChannel(None, 0, self.size) if offer else None
+            self._gloo_broadcast_object(None if ch is None else ch.name)
+        else:
+            name = self._gloo_broadcast_object()
+            ch = None if name is None else ShmChannel(name, self.rank, self.size)
+        self.channel = ch
+        return ch is not None
+
+    def close(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+
+    def _gloo_broadcast_object(self, obj=None):
+        """Send a picklable object from rank 0 to all ranks through gloo.
 
         One gloo broadcast of a fixed HEADER-byte buffer ([8-byte length | payload]) carries any
         object that fits (every decode plan of a normal batch); a larger one needs a second
         broadcast for the rest. One host round trip per step instead of two."""
-        if self.size == 1:
-            return obj
         head = torch.zeros(self.HEADER, dtype=torch.uint8)
         if self.rank == 0:
             data = pickle.dumps(obj)

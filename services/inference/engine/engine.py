@@ -173,6 +173,7 @@ class LLMEngine:
         self._fail_all("engine shut down")
         if self.group is not None:
             self.group.close()
+        self.runner.comm.close()
 
     def mark_dead(self, reason: str) -> None:
         """Called by the group monitor when a rank dies: fail everything now, refuse new work."""

@@ -119,7 +119,11 @@ def run_follower(config: EngineConfig) -> None:
     runner = ModelRunner(config, comm)
     comm.all_gather_int(runner.weight_bytes)
     comm.all_gather_int(runner.parameters_local)
-    runner.follow()
+    comm.enable_shm_plans()
+    try:
+        runner.follow()
+    finally:
+        comm.close()
 
 
 def create_engine(config: EngineConfig):
@@ -132,13 +136,18 @@ def create_engine(config: EngineConfig):
         raise ValueError(f"create_engine builds the native backend, not {config.backend!r}")
     env = _launcher_env()
     group = None
+    local = False                   # every rank on this host (spawned here): shared-memory plans possible
     if env is not None and env[1] > 1:
         if env[0] != 0:
             raise RuntimeError(f"rank {env[0]} must call run_follower, not create_engine")
+        if config.plan_channel == "shm":
+            raise ValueError("plan_channel='shm' needs the local group (privlm worker --tp N); launcher ranks "
+                             "may be on other hosts: use 'gloo' or 'auto'")
         comm = _comm_from_launcher(config, *env)
         group = LocalGroup([])
     elif config.tp > 1:
         comm, group = start_local_group(config)
+        local = True
     else:
         comm = Comm(device=_device(config, 0) if config.device == "cuda" else "cpu")
     thread = ComputeThread()        # builds the model and then runs every step (compute_thread.py)
@@ -147,6 +156,8 @@ def create_engine(config: EngineConfig):
         if group is not None:
             group.weight_bytes = comm.all_gather_int(runner.weight_bytes)
             group.total_parameters = sum(comm.all_gather_int(runner.parameters_local))
+            shm = config.plan_channel == "shm" or (config.plan_channel == "auto" and config.device == "cuda")
+            comm.enable_shm_plans(offer=local and shm)
     except Exception:
         thread.run_last(lambda: None)
         if group is not None:

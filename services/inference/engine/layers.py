@@ -163,8 +163,11 @@ class RowParallelLinear(_Linear):
             param.data.copy_(_read(src, 1, self.start, self.local))
 
     def forward(self, x):
-        y = _matmul(self, x)
-        self.comm.all_reduce(y)
+        symm = self.comm.symm                    # CUDA one-shot path: matmul into the shared buffer
+        y = symm.linear_all_reduce(x, self.weight) if symm is not None and self.packed is None else None
+        if y is None:
+            y = _matmul(self, x)
+            self.comm.all_reduce(y)
         if self.bias is not None:
             y = y + self.bias
         return y

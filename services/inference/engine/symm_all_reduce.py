@@ -22,22 +22,79 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 
+_RENDEZVOUS = [0]        # symmetric-memory rendezvous this process has done (see _catch_up)
+
+
+def _register(name: str, store, rank: int, size: int, device=None, backend=None):
+    """A ProcessGroup registered under `name` (symmetric memory resolves groups by name)."""
+    from torch._C._distributed_c10d import _register_process_group, _SymmetricMemory
+
+    pg = dist.ProcessGroup(store, rank, size)
+    if backend is not None:
+        pg._set_default_backend(dist.ProcessGroup.BackendType.NCCL)
+        pg._register_backend(device, dist.ProcessGroup.BackendType.NCCL, backend)
+    pg._set_group_name(name)
+    _register_process_group(name, pg)
+    try:
+        _SymmetricMemory.set_group_info(name, rank, size, store)
+    except Exception:  # noqa: BLE001 - newer torch resolves it from the registered group
+        pass
+    return pg
+
+
+def _rendezvous(buf: torch.Tensor, name: str) -> None:
+    from torch.distributed import _symmetric_memory as symm
+
+    symm.rendezvous(buf, name)
+    _RENDEZVOUS[0] += 1
+
+
+def _catch_up(comm) -> None:
+    """Align the ranks' store-exchange sequence numbers before a rendezvous.
+
+    PyTorch numbers the store keys of symmetric-memory rendezvous with a per-process counter, so a
+    rank whose process already did one (an earlier engine in the same process: tests, benchmarks)
+    waits on keys the fresh ranks never write. Lagging ranks do solo rendezvous (a one-rank group)
+    until every rank has done the same number."""
+    from torch.distributed import _symmetric_memory as symm
+
+    counts = comm.all_gather_int(_RENDEZVOUS[0])
+    for _ in range(max(counts) - _RENDEZVOUS[0]):
+        name = f"privlm_solo_{uuid.uuid4().hex[:12]}"
+        _register(name, dist.HashStore(), 0, 1)
+        _rendezvous(symm.empty(16, dtype=torch.uint8, device=comm.device), name)
+
+
 class SymmAllReduce:
-    def __init__(self, store, rank: int, size: int, device: torch.device, dtype: torch.dtype, max_bytes: int):
-        from torch._C._distributed_c10d import _SymmetricMemory
+    def __init__(self, comm, dtype: torch.dtype, max_bytes: int):
         from torch.distributed import _symmetric_memory as symm
 
+        store, rank, size = comm.store, comm.rank, comm.size
         if rank == 0:
             store.set("privlm_symm_name", f"privlm_tp_{uuid.uuid4().hex[:12]}")
         self.name = store.get("privlm_symm_name").decode()
-        _SymmetricMemory.set_group_info(self.name, rank, size, dist.PrefixStore(self.name, store))
+        # Registered over the engine's own NCCL backend (what init_process_group would do).
+        self.group = _register(self.name, dist.PrefixStore(self.name, store), rank, size, comm.device, comm.pg)
         self.dtype = dtype
         self.numel = max_bytes // dtype.itemsize
-        self.buf = symm.empty(self.numel, dtype=dtype, device=device)            # [numel] flat
-        symm.rendezvous(self.buf, self.name)
+        self.buf = symm.empty(self.numel, dtype=dtype, device=comm.device)      # [numel] flat
+        _catch_up(comm)
+        _rendezvous(self.buf, self.name)
 
     def fits(self, t: torch.Tensor) -> bool:
         return t.dtype == self.dtype and t.numel() <= self.numel and t.is_contiguous()
+
+    def linear_all_reduce(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+        """sum over ranks of x @ w.T, the matmul writing straight into the shared buffer (no copy);
+        x: [N, K], w: [M, K] -> [N, M]. None if it does not fit (the caller uses the plain path)."""
+        n, m = x.shape[0], w.shape[0]
+        if x.dim() != 2 or x.dtype != self.dtype or n * m > self.numel:
+            return None
+        part = self.buf[:n * m].view(n, m)
+        torch.mm(x, w.t(), out=part)
+        out = torch.empty((n, m), dtype=x.dtype, device=x.device)
+        torch.ops.symm_mem.one_shot_all_reduce_out(part, "sum", self.name, out)
+        return out
 
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
         """In-place sum of t across ranks (t: any shape, contiguous, fits())."""
@@ -52,7 +109,7 @@ def try_enable(comm, dtype: torch.dtype, max_bytes: int = 1 << 20) -> str:
     """Collectively enable the one-shot path on comm (CUDA, size > 1); returns the path in use."""
     ok, err, ar = 1, "", None
     try:
-        ar = SymmAllReduce(comm.store, comm.rank, comm.size, comm.device, dtype, max_bytes)
+        ar = SymmAllReduce(comm, dtype, max_bytes)
         x = torch.arange(4096, device=comm.device, dtype=torch.float32).to(dtype) * (comm.rank + 1)
         got = ar.all_reduce_(x.clone())
         comm.pg.allreduce([x]).wait()                                          # NCCL reference
