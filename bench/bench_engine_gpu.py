@@ -114,8 +114,9 @@ def _profile_decode(runner) -> None:
 
 TP2_VARIANTS = {                     # label -> EngineConfig overrides; "default" is the shipped config
     "default": {},
-    "nccl_graphs": {"custom_all_reduce": False, "cuda_graphs_tp": True},
-    "nccl_eager": {"custom_all_reduce": False, "cuda_graphs_tp": False},
+    "gloo_plans": {"plan_channel": "gloo"},
+    "nccl_graphs": {"custom_all_reduce": False, "plan_channel": "gloo", "cuda_graphs_tp": True},
+    "nccl_eager": {"custom_all_reduce": False, "plan_channel": "gloo", "cuda_graphs_tp": False},
 }
 
 
@@ -138,15 +139,32 @@ def _step_breakdown(engine) -> dict:
 
 
 def tp2_rate(cfg, prompt, n, reps, variants):
-    """Batch-1 decode at TP=2 (rank 1 spawned on the second GPU) for each variant:
-    {label: {tok_s, all_reduce_path, cuda_graphs_tp, step/broadcast/execute medians in ms}}."""
+    """Batch-1 decode at TP=2 for each variant, each in its own process (one engine per process, as
+    a worker runs: symmetric memory is set up once per process), rank 1 on the second GPU:
+    {label: {tok_s, all_reduce_path, plan_channel, cuda_graphs_tp, step/broadcast/execute ms}}."""
+    import json
+    import subprocess
+
+    out = {}
+    for label in variants:
+        cmd = [sys.executable, "-m", "bench.bench_engine_gpu", "--tp2-one", label, "--new-tokens", str(n),
+               "--reps", str(reps)]
+        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        lines = [ln for ln in res.stdout.splitlines() if ln.startswith("TP2RESULT ")]
+        out[label] = json.loads(lines[-1][10:]) if lines else {"error": res.stderr[-600:]}
+        print(f"# tp2 {label}: {out[label]}", flush=True)
+    return out
+
+
+def tp2_one(cfg, prompt, n, reps, label) -> dict:
+    """One TP=2 variant in this process (see tp2_rate)."""
     import torch
 
     from services.inference.config import EngineConfig
     from services.inference.engine import create_engine
 
     out = {}
-    for label in variants:
+    for label in [label]:
         kw = TP2_VARIANTS[label]
         with tempfile.TemporaryDirectory() as d:
             cfg.save_pretrained(d)
@@ -168,9 +186,9 @@ def tp2_rate(cfg, prompt, n, reps, variants):
                             rates.append(decode_rate(tl.times))
                     out[label] = {"tok_s": round(statistics.median(rates), 1),
                                   "all_reduce_path": engine.runner.comm.all_reduce_path,
+                                  "plan_channel": "shm" if engine.runner.comm.channel is not None else "gloo",
                                   "cuda_graphs_tp": ec.cuda_graphs_tp,
                                   **{f"{k}_ms": round(statistics.median(v[2:]) * 1e3, 3) for k, v in rec.items()}}
-                    print(f"# tp2 {label}: {out[label]}", flush=True)
                 finally:
                     engine.shutdown()
                 del engine
@@ -179,7 +197,7 @@ def tp2_rate(cfg, prompt, n, reps, variants):
             except Exception as exc:                      # report, go on with the other variants
                 print(f"# tp2 {label} failed: {exc!r}", flush=True)
                 out[label] = {"error": repr(exc)[:300]}
-    return out
+    return out[label]
 
 
 def hf_rate(cfg, prompt, n, reps) -> float:
@@ -210,6 +228,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--tp2", action="store_true", help="also measure TP=2 on two GPUs (batch-1 decode)")
     ap.add_argument("--tp2-variants", default="default,nccl_graphs",
                     help=f"comma-separated TP=2 configurations among {sorted(TP2_VARIANTS)}")
+    ap.add_argument("--tp2-one", default=None, help=argparse.SUPPRESS)    # child of tp2_rate
     args = ap.parse_args(argv)
 
     import torch
@@ -219,6 +238,14 @@ def main(argv: list[str]) -> None:
 
     if not torch.cuda.is_available():
         print("# bench_engine_gpu: no CUDA device, skipped", file=sys.stderr)
+        return
+    if args.tp2_one:
+        import json
+
+        plen = 128
+        prompt = [128000] + [(i * 7919) % 120000 + 100 for i in range(plen - 1)]
+        res = tp2_one(llama31_8b_config(), prompt, args.new_tokens, args.reps, args.tp2_one)
+        print("TP2RESULT " + json.dumps(res), flush=True)
         return
     if args.check:
         check_tiny()

@@ -109,7 +109,11 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor | None:
         if self.graphs is not None and self.graphs.can_run(plan):
-            return self.graphs.run(plan)
+            logits = self.graphs.run(plan)
+            publish = getattr(self.model, "publish_expert_load", None)   # replays skip Python: refresh stats
+            if publish is not None:
+                publish()
+            return logits
         ids, pos, meta, sample_rows = self._prepare(plan)
         hidden = self.model(ids, pos, meta, self.kv_cache)              # [N, hidden]
         if not sample_rows:

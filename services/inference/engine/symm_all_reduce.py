@@ -22,7 +22,7 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 
-_RENDEZVOUS = [0]        # symmetric-memory rendezvous this process has done (see _catch_up)
+_RENDEZVOUS = [0]        # symmetric-memory rendezvous this process has done
 
 
 def _register(name: str, store, rank: int, size: int, device=None, backend=None):
@@ -49,27 +49,18 @@ def _rendezvous(buf: torch.Tensor, name: str) -> None:
     _RENDEZVOUS[0] += 1
 
 
-def _catch_up(comm) -> None:
-    """Align the ranks' store-exchange sequence numbers before a rendezvous.
-
-    PyTorch numbers the store keys of symmetric-memory rendezvous with a per-process counter, so a
-    rank whose process already did one (an earlier engine in the same process: tests, benchmarks)
-    waits on keys the fresh ranks never write. Lagging ranks do solo rendezvous (a one-rank group)
-    until every rank has done the same number."""
-    from torch.distributed import _symmetric_memory as symm
-
-    counts = comm.all_gather_int(_RENDEZVOUS[0])
-    for _ in range(max(counts) - _RENDEZVOUS[0]):
-        name = f"privlm_solo_{uuid.uuid4().hex[:12]}"
-        _register(name, dist.HashStore(), 0, 1)
-        _rendezvous(symm.empty(16, dtype=torch.uint8, device=comm.device), name)
-
-
 class SymmAllReduce:
     def __init__(self, comm, dtype: torch.dtype, max_bytes: int):
         from torch.distributed import _symmetric_memory as symm
 
         store, rank, size = comm.store, comm.rank, comm.size
+        # PyTorch numbers the store keys of symmetric-memory rendezvous with a per-process counter,
+        # so ranks whose processes did different numbers of them (an earlier engine in the same
+        # process: tests, benchmarks) would wait on each other's keys until the timeout. Refuse
+        # instead (the caller then uses NCCL); a worker process builds one engine, so ranks agree.
+        if len(set(comm.all_gather_int(_RENDEZVOUS[0]))) > 1:
+            raise RuntimeError("an earlier symmetric-memory group in this process (one engine per process "
+                               "gets the one-shot all-reduce)")
         if rank == 0:
             store.set("privlm_symm_name", f"privlm_tp_{uuid.uuid4().hex[:12]}")
         self.name = store.get("privlm_symm_name").decode()
@@ -78,7 +69,6 @@ class SymmAllReduce:
         self.dtype = dtype
         self.numel = max_bytes // dtype.itemsize
         self.buf = symm.empty(self.numel, dtype=dtype, device=comm.device)      # [numel] flat
-        _catch_up(comm)
         _rendezvous(self.buf, self.name)
 
     def fits(self, t: torch.Tensor) -> bool:
