@@ -33,6 +33,7 @@ class EngineConfig:
     cuda_graphs: bool = True                # CUDA only: replay captured graphs for pure-decode steps
     cuda_graphs_tp: bool = True             # CUDA graphs also at tp > 1 (all-reduces inside the graph)
     compile_kernels: bool = True            # CUDA only: torch.compile the small fused blocks (engine/ops.py)
+    cpu_fused_decode: bool = True           # CPU, tp = 1: batch-1 decode steps in one C++ call (same ops)
     custom_all_reduce: bool = True          # CUDA, tp > 1: one-shot all-reduce over symmetric memory
                                             # (NVLink peer loads) for small tensors instead of NCCL
     plan_channel: str = "auto"              # step plans to follower ranks: "shm" (shared memory, ranks on

@@ -61,6 +61,13 @@ class ModelRunner:
             from services.inference.engine.layers import prepack_cpu
 
             prepack_cpu(self.model)
+        if self.device.type == "cpu" and comm.size == 1 and config.cpu_fused_decode \
+                and hasattr(type(self.model), "fused_decode"):
+            from services.inference.engine.cpu_decode import FusedDecode, extension
+
+            ext = extension()               # built once with the C++ compiler; None: Python path
+            if ext is not None:
+                self.model.fused_decode = FusedDecode(self.model, ext)
         self.parameters_local = sum(p.numel() for p in self.model.parameters())
         # KV cache: [layers, slots, *per-slot shape]; all ranks must agree on the block count.
         layers, slot_shape = self.model.kv_cache_spec()

@@ -21,7 +21,7 @@ def new_generator(seed: int | None) -> torch.Generator:
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator | None]) -> list[int]:
     """logits: [S, V] -> one token per row."""
-    greedy = logits.argmax(dim=-1).tolist()
+    greedy = logits.float().argmax(dim=-1).tolist()       # same indices; bf16 argmax is ~5x slower on CPU
     out = []
     for i, p in enumerate(params):
         if p.temperature <= 0.0:

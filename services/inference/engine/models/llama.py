@@ -120,8 +120,13 @@ class LlamaForCausalLM(nn.Module):
         return torch.zeros((len(self.model.layers), 2 * attn.hkv, num_slots, attn.head_dim), dtype=dtype,
                            device=device)
 
+    fused_decode = None          # cpu_decode.FusedDecode when the runner enabled it (CPU, tp = 1)
+
     def forward(self, input_ids, positions, meta: AttnMetadata, caches):
         # input_ids, positions: [N]; caches: [layers, 2 * Hkv, slots, D] -> hidden [N, hidden]
+        fused = self.fused_decode
+        if fused is not None and fused.can_run(input_ids, meta):
+            return fused(input_ids, positions, meta, caches)                # same ops, one C++ call
         cos, sin = self.rope.tables(positions)
         residual = self.model.embed_tokens(input_ids)
         x = None
