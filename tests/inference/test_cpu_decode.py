@@ -40,6 +40,33 @@ def test_fused_equals_python_path(default_model, dtype):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_batched_decode_equals_python_path(default_model, dtype):
+    """Several sequences with interleaved (non-contiguous) blocks: the block-gather path."""
+    runner = ModelRunner(EngineConfig(model=str(default_model), dtype=dtype, threads=1, num_kv_blocks=64), Comm())
+    prompts = [[1, 504, 3458, 282], [1, 77, 88, 99, 100, 101, 102], [1, 9]]
+    tables = [tuple(range(k, 48, 3)) for k in range(3)]                     # interleaved blocks
+
+    def run():
+        outs, toks, pos = [], [], []
+        for i, p in enumerate(prompts):
+            lg = runner.execute(StepPlan((Chunk(i, tuple(p), 0, tables[i], True),), 0))
+            toks.append(int(lg[-1].argmax()))
+            pos.append(len(p))
+        for _ in range(5):
+            plan = StepPlan(tuple(Chunk(i, (toks[i],), pos[i], tables[i], True) for i in range(3)), 3)
+            lg = runner.execute(plan)
+            outs.append(lg.clone())
+            toks = [int(t) for t in lg.argmax(-1)]
+            pos = [x + 1 for x in pos]
+        return outs
+
+    fused = run()
+    runner.model.fused_decode, keep = None, runner.model.fused_decode
+    plain = run()
+    assert keep is not None and all(torch.equal(a, b) for a, b in zip(fused, plain))
+
+
 def test_fused_with_qkv_bias(tmp_path):
     from tests.inference.tiny_models import build
 

@@ -1,4 +1,4 @@
-"""Batch-1 CPU decode of Llama-family models through one C++ call per step (csrc/decode_cpu.cpp).
+"""CPU decode steps of Llama-family models through one C++ call per step (csrc/decode_cpu.cpp).
 
 The extension runs the same ATen ops in the same order as the Python path, so results are
 bit-identical (tests/inference/test_cpu_decode.py checks it); it removes ~2 us of interpreter
@@ -41,7 +41,7 @@ def extension():
 
 
 class FusedDecode:
-    """Holds the per-layer weight lists of a LlamaForCausalLM (tp = 1) for decode_b1."""
+    """Holds the per-layer weight lists of a LlamaForCausalLM (tp = 1) for the extension's decode()."""
 
     def __init__(self, model, ext):
         self.ext, self.model = ext, model
@@ -51,7 +51,7 @@ class FusedDecode:
         if len(packed) != 1:
             raise ValueError("mixed packed/plain linear weights")
         self.packed = packed.pop()
-        empty = torch.empty(0)
+        empty = self.empty = torch.empty(0)
 
         def w(m):
             return m.packed if self.packed else m.weight
@@ -71,14 +71,17 @@ class FusedDecode:
         self.eps = layers[0].input_layernorm.eps
 
     def can_run(self, input_ids: torch.Tensor, meta) -> bool:
-        return (input_ids.shape[0] == 1 and meta.num_decode == 1 and meta.decode_range is not None
-                and not meta.prefills)
+        """Pure decode steps whose context is a slot range (batch 1) or the block-gather layout."""
+        return (meta.num_decode == input_ids.shape[0] and not meta.prefills
+                and (meta.decode_range is not None or meta.decode_block_rows is not None))
 
     def __call__(self, input_ids, positions, meta, caches) -> torch.Tensor:
         m = self.model
-        cos, sin = m.rope.tables(positions)                                   # [1, 1, D] each
-        residual = m.model.embed_tokens(input_ids)                            # [1, H]
-        a, e = meta.decode_range
-        return self.ext.decode_b1(residual, self.weights, self.biases, m.model.norm.weight, cos, sin, caches,
-                                  int(meta.slot_mapping[0]), a, e - a, self.hq, self.hkv, self.d, self.inter,
-                                  m.rope.half, self.eps, self.scale, self.packed)
+        cos, sin = m.rope.tables(positions)                                   # [B, 1, D] each
+        residual = m.model.embed_tokens(input_ids)                            # [B, H]
+        a, e = meta.decode_range or (0, 0)
+        blocks = meta.decode_block_rows if meta.decode_range is None else self.empty
+        mask = meta.decode_block_mask if meta.decode_range is None else self.empty
+        return self.ext.decode(residual, self.weights, self.biases, m.model.norm.weight, cos, sin, caches,
+                               meta.slot_mapping, a, e - a, blocks, mask, meta.block_size, self.hq, self.hkv,
+                               self.d, self.inter, m.rope.half, self.eps, self.scale, self.packed)

@@ -195,4 +195,8 @@ class ModelRunner:
         bmask.masked_fill_(pb[None, :] >= lt[:, None], float("-inf"))
         meta.block_size = bs
         meta.decode_blocks = table.reshape(-1)                                   # [B * nblk]
+        if self.kv_cache.dim() == 4:                    # [layers, 2 Hkv, slots, D]: rows of the [-1, bs * D] view
+            heads, per_head = self.kv_cache.shape[1], self.kv_cache.shape[2] // bs
+            rows = torch.arange(heads, device=dev)[:, None] * per_head + meta.decode_blocks[None, :]
+            meta.decode_block_rows = rows.reshape(-1)                            # [2 Hkv * B * nblk]
         meta.decode_block_mask = bmask[:, None, None, :]                         # [B, 1, 1, nblk * bs]
