@@ -36,6 +36,7 @@ protos: $(PROTO_STAMP)
 
 model: $(STAMP)
 	$(PY) -m privlm.model_prep
+	$(PY) -m services.inference.engine.cpu_decode
 
 run: protos model
 	$(VENV)/bin/privlm up --demo $(RUN_ARGS)

@@ -85,3 +85,8 @@ class FusedDecode:
         return self.ext.decode(residual, self.weights, self.biases, m.model.norm.weight, cos, sin, caches,
                                meta.slot_mapping, a, e - a, blocks, mask, meta.block_size, self.hq, self.hkv,
                                self.d, self.inter, m.rope.half, self.eps, self.scale, self.packed)
+
+
+if __name__ == "__main__":            # `make model` builds it ahead of the first worker
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print("fused CPU decode extension:", "ready" if extension() is not None else "unavailable (Python path)")
