@@ -56,6 +56,9 @@ TOKEN_LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+MOE_IMBALANCE = {"expert_max_over_mean": "expert", "rank_max_over_mean": "rank"}
+
+
 def outcome(code_name: str) -> str:
     if code_name == "OK":
         return "ok"
@@ -111,6 +114,15 @@ class Instruments:
                                   description="Perplexity of the fixed canary text, last measurement")
         m.create_observable_gauge("privlm.canary.perplexity.baseline", [self._observe_canary("baseline")],
                                   unit="1", description="Canary perplexity of the known-good weights")
+        self._extra_sources: list[Callable[[], dict[str, float]]] = []
+        m.create_observable_gauge("privlm.moe.imbalance", [self._observe_extra(MOE_IMBALANCE)], unit="1",
+                                  description="MoE load imbalance since load, max/mean tokens per expert or "
+                                              "per expert-parallel rank (1 = balanced)")
+        m.create_observable_gauge("privlm.moe.tokens_routed", [self._observe_extra({"tokens_routed": None})],
+                                  unit="{token}", description="(token, expert) assignments routed since load")
+        m.create_observable_gauge("privlm.fp8.tensor_core_fraction",
+                                  [self._observe_extra({"fp8_tensor_core_fraction": None})], unit="1",
+                                  description="Share of FP8 linears running FP8 tensor-core matmuls (keep_fp8)")
         self._step_attrs = None   # no attributes: the cheapest record (~5 us each with the SDK)
 
     # -- request-level -------------------------------------------------------------------------------
@@ -152,6 +164,24 @@ class Instruments:
         """Register a callable returning the busy fraction in [0, 1] (None: unknown this time)."""
         with self._lock:
             self._util_sources.append(source)
+
+    def observe_engine_extra(self, source: Callable[[], dict[str, float]]) -> None:
+        """Register a callable returning EngineStats.extra; the MoE / FP8 keys become gauges."""
+        with self._lock:
+            self._extra_sources.append(source)
+
+    def _observe_extra(self, keys: dict[str, str | None]):
+        """keys: EngineStats.extra key -> value of the `privlm.moe.scope` attribute (None: no attribute)."""
+        def callback(options: CallbackOptions) -> Iterable[Observation]:
+            for i, source in enumerate(list(self._extra_sources)):
+                extra = source()
+                for key, scope in keys.items():
+                    if key in extra:
+                        attrs = {"privlm.engine": str(i)}
+                        if scope is not None:
+                            attrs["privlm.moe.scope"] = scope
+                        yield Observation(float(extra[key]), attrs)
+        return callback
 
     def set_canary(self, perplexity: float, baseline: float | None) -> None:
         with self._lock:

@@ -191,6 +191,7 @@ async def serve(config: WorkerServerConfig, ready_file: Path | None = None, tele
 
     engine = await asyncio.to_thread(build_engine, config.engine)
     instruments.get().observe_kv_cache(lambda: _kv_use(engine))
+    instruments.get().observe_engine_extra(lambda: engine.stats().extra)   # MoE imbalance, FP8 share
     server, port, health = await create_server(config, engine, server_interceptors())
     await server.start()
     watcher = asyncio.create_task(_watch_health(engine, health))

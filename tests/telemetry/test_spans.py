@@ -108,3 +108,14 @@ def test_he_operation_span_and_histogram(env):
     assert spans["privlm.he.ckks.polyval"].status.status_code == StatusCode.ERROR
     ops = {p.attributes["privlm.he.operation"]: p.count for p in _points(reader, "privlm.he.operation.duration")}
     assert ops == {"ckks.dot": 1, "ckks.polyval": 1}
+
+
+def test_engine_extra_becomes_moe_and_fp8_gauges(env):
+    _, _, reader, inst = env
+    inst.observe_engine_extra(lambda: {"expert_max_over_mean": 2.5, "rank_max_over_mean": 1.25,
+                                       "tokens_routed": 798.0, "fp8_tensor_core_fraction": 1.0, "preemptions": 0.0})
+    inst.observe_engine_extra(lambda: {"preemptions": 3.0})                  # a dense model: no MoE gauges
+    imb = {p.attributes["privlm.moe.scope"]: p.value for p in _points(reader, "privlm.moe.imbalance")}
+    assert imb == {"expert": 2.5, "rank": 1.25}
+    assert [p.value for p in _points(reader, "privlm.moe.tokens_routed")] == [798.0]
+    assert [p.value for p in _points(reader, "privlm.fp8.tensor_core_fraction")] == [1.0]
