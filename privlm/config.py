@@ -43,12 +43,16 @@ def from_mapping(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         raise ConfigError(f"{where or cls.__name__}: {exc}") from exc
 
 
-def load_file(cls: type[T], path: str | Path) -> T:
-    """Load a .json or .toml file into config class `cls`."""
+def load_mapping(path: str | Path) -> dict[str, Any]:
+    """The mapping in a .json or .toml file (validated later by from_mapping)."""
     path = Path(path)
     text = path.read_text()
-    data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-    return from_mapping(cls, data, where=str(path))
+    return tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+
+
+def load_file(cls: type[T], path: str | Path) -> T:
+    """Load a .json or .toml file into config class `cls`."""
+    return from_mapping(cls, load_mapping(path), where=str(path))
 
 
 def cache_dir() -> Path:

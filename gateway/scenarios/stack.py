@@ -79,7 +79,7 @@ class ScenarioStack:
 
         self.risk_model = train_model(seed=DEMO_MODEL_SEED)
         model_file = save_model(self.risk_model, self.workdir / "risk_model.json")
-        he_server, he_port = await _create_he_server(HEServiceConfig(model_files=(str(model_file),)),
+        he_server, he_port = await _create_he_server(HEServiceConfig(model_files=(str(model_file),), plaintext_dev=True),
                                                      tracer_provider)
         await he_server.start()
         self.servers.append(he_server)

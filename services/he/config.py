@@ -24,14 +24,18 @@ class HEServiceConfig:
     max_request_bytes: int = 96 * MiB          # sum of ciphertext bytes in one request: INVALID_ARGUMENT over it
     max_ciphertexts_per_request: int = 4096
     max_records_per_request: int = 1 << 20
-    # mTLS with the private CA (`privlm certs --out DIR`): the server presents DIR/he.pem and admits
-    # only callers whose verified certificate names one of allowed_peers. None: plaintext (warns).
+    # Transport, exactly one of: mTLS with the private CA (`privlm certs --out DIR`: the server presents
+    # DIR/he.pem and admits only callers whose verified certificate names one of allowed_peers), or
+    # plaintext_dev (development only: no TLS, no peer authentication; warns). No default.
     tls_dir: str | None = None
+    plaintext_dev: bool = False
     allowed_peers: tuple[str, ...] = ("gateway", "client")
 
     def __post_init__(self):
         object.__setattr__(self, "model_files", tuple(str(p) for p in self.model_files))
         object.__setattr__(self, "allowed_peers", tuple(self.allowed_peers))
+        check(bool(self.tls_dir) != bool(self.plaintext_dev),
+              "transport: set tls_dir (mTLS, `privlm certs --out DIR`) or plaintext_dev (development), exactly one")
         check(len(self.allowed_peers) >= 1, "allowed_peers must name at least one service")
         check(isinstance(self.host, str) and self.host != "", "host must be a non-empty string")
         check(0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port}")

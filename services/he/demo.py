@@ -69,7 +69,7 @@ def start_local_server(model_path: Path):
     def run(coro):
         return asyncio.run_coroutine_threadsafe(coro, loop).result(60)
 
-    server, port = run(create_server(HEServiceConfig(model_files=(str(model_path),))))
+    server, port = run(create_server(HEServiceConfig(model_files=(str(model_path),), plaintext_dev=True)))
     run(server.start())
 
     def stop():

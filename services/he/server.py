@@ -161,7 +161,7 @@ async def create_server(config: HEServiceConfig, interceptors: Sequence[grpc.aio
                         tracer_provider: trace.TracerProvider | None = None) -> tuple[grpc.aio.Server, int]:
     """Build and bind the service (not started). The servicer is reachable as `server.privlm_servicer`
     (tests inspect the engine it holds); `server.privlm_health` is the health servicer. With
-    config.tls_dir: mTLS, callers limited to config.allowed_peers; without: plaintext, with a warning.
+    config.tls_dir: mTLS, callers limited to config.allowed_peers; config.plaintext_dev: plaintext, warns.
     `interceptors` run first (e.g. privlm.telemetry.server_interceptors()); business spans
     privlm.he.* come from `tracer_provider` (default: the global one)."""
     models = [load_model(p) for p in config.model_files]
@@ -225,21 +225,22 @@ def main(argv: list[str] | None = None) -> int:
 
     add_telemetry_args(parser)
     args = parser.parse_args(argv)
-    from privlm.config import ConfigError, load_file
-    import dataclasses
+    from privlm.config import ConfigError, from_mapping, load_mapping
 
     try:
-        base = load_file(HEServiceConfig, args.config) if args.config else HEServiceConfig()
+        data = load_mapping(args.config) if args.config else {}
         overrides = {"host": args.host, "port": args.port}
         if args.model_file:
             overrides["model_files"] = tuple(args.model_file)
         if args.workers is not None:
             overrides["workers"] = args.workers
-        if args.tls_dir:
-            overrides["tls_dir"] = args.tls_dir
+        if args.tls_dir:                               # the flags choose the transport (one is required)
+            overrides.update(tls_dir=args.tls_dir, plaintext_dev=False)
+        else:
+            overrides.update(tls_dir=None, plaintext_dev=True)
         if args.max_request_bytes is not None:
             overrides["max_request_bytes"] = args.max_request_bytes
-        config = dataclasses.replace(base, **overrides)
+        config = from_mapping(HEServiceConfig, {**data, **overrides}, where=args.config or "flags")
         for p in config.model_files:
             load_model(p)
     except ConfigError as exc:

@@ -27,7 +27,7 @@ def he_server(loop_thread, he_model, tmp_path_factory):
 
     path = save_model(he_model, tmp_path_factory.mktemp("he") / "model.json")
     other = save_model(make_model(seed=7), tmp_path_factory.mktemp("he") / "other.json")
-    config = HEServiceConfig(model_files=(str(path), str(other)), max_contexts_per_tenant=32)
+    config = HEServiceConfig(model_files=(str(path), str(other)), max_contexts_per_tenant=32, plaintext_dev=True)
     server, port = loop_thread.run(create_server(config))
     loop_thread.run(server.start())
     yield server, f"127.0.0.1:{port}"

@@ -23,14 +23,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_config_validation():
-    cfg = from_mapping(HEServiceConfig, {"port": 0, "model_files": ["a.json"], "workers": 3})
+    cfg = from_mapping(HEServiceConfig, {"port": 0, "model_files": ["a.json"], "workers": 3, "plaintext_dev": True})
     assert cfg.model_files == ("a.json",) and cfg.workers == 3
     with pytest.raises(ConfigError, match="unknown key"):
         from_mapping(HEServiceConfig, {"max_contxts": 3})
     with pytest.raises(ConfigError, match="workers"):
-        from_mapping(HEServiceConfig, {"workers": 0})
+        from_mapping(HEServiceConfig, {"workers": 0, "plaintext_dev": True})
     with pytest.raises(ConfigError, match="max_context_bytes_per_tenant"):
-        HEServiceConfig(max_context_bytes=10_000, max_context_bytes_per_tenant=5_000)
+        HEServiceConfig(max_context_bytes=10_000, max_context_bytes_per_tenant=5_000, plaintext_dev=True)
     assert cfg.transport_max_bytes > cfg.max_request_bytes
 
 
@@ -133,3 +133,12 @@ def test_mtls_admits_only_allowed_peers(loop_thread, tmp_path):
     finally:
         loop_thread.run(server.stop(0))
         server.privlm_servicer.close()
+
+
+def test_config_requires_an_explicit_transport():
+    """No silent plaintext: a config built in code must choose mTLS or development plaintext."""
+    with pytest.raises(ConfigError, match="tls_dir .* or plaintext_dev"):
+        HEServiceConfig()
+    with pytest.raises(ConfigError, match="exactly one"):
+        HEServiceConfig(tls_dir="certs", plaintext_dev=True)
+    assert HEServiceConfig(plaintext_dev=True).tls_dir is None

@@ -115,7 +115,7 @@ def test_oversized_payload(loop_thread, tmp_path, he_model, keys1):
 
     path = save_model(he_model, tmp_path / "m.json")
     cfg = HEServiceConfig(model_files=(str(path),), max_request_bytes=300_000, max_ciphertexts_per_request=4,
-                          max_context_bytes=2_500_000, max_context_bytes_per_tenant=8_000_000)
+                          max_context_bytes=2_500_000, max_context_bytes_per_tenant=8_000_000, plaintext_dev=True)
     server, port = loop_thread.run(create_server(cfg))
     loop_thread.run(server.start())
     try:
@@ -148,7 +148,8 @@ def test_context_limits_per_tenant(loop_thread, tmp_path, he_model):
     from services.he.model import save_model
     from services.he.server import create_server
 
-    cfg = HEServiceConfig(model_files=(str(save_model(he_model, tmp_path / "m.json")),), max_contexts_per_tenant=3)
+    cfg = HEServiceConfig(model_files=(str(save_model(he_model, tmp_path / "m.json")),), max_contexts_per_tenant=3,
+                          plaintext_dev=True)
     server, port = loop_thread.run(create_server(cfg))
     loop_thread.run(server.start())
     try:
@@ -214,7 +215,8 @@ def test_overload_is_refused_promptly_and_expired_work_dropped(loop_thread, tmp_
     from services.he.model import save_model
     from services.he.server import create_server
 
-    cfg = HEServiceConfig(model_files=(str(save_model(he_model, tmp_path / "m.json")),), workers=1, max_pending=2)
+    cfg = HEServiceConfig(model_files=(str(save_model(he_model, tmp_path / "m.json")),), workers=1, max_pending=2,
+                          plaintext_dev=True)
     server, port = loop_thread.run(create_server(cfg))
     loop_thread.run(server.start())
     servicer = server.privlm_servicer
@@ -260,7 +262,8 @@ def test_mutated_ciphertexts_and_contexts_fuzz(he_model, keys1):
     from services.he.config import HEServiceConfig
     from services.he.engine import HEEngine, ScoreJob
 
-    eng = HEEngine(HEServiceConfig(max_contexts_per_tenant=100, max_context_bytes_per_tenant=1 << 30), [he_model])
+    eng = HEEngine(HEServiceConfig(max_contexts_per_tenant=100, max_context_bytes_per_tenant=1 << 30, plaintext_dev=True),
+                   [he_model])
     eng.register_context("t", keys1.public_context)
     good = keys1.encrypt_records(make_records(1))[0]
     rng = np.random.default_rng(2024)

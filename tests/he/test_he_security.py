@@ -152,7 +152,7 @@ def test_trace_spans_carry_sizes_not_values(loop_thread, tmp_path, he_model, key
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    cfg = HEServiceConfig(model_files=(str(save_model(he_model, tmp_path / "m.json")),))
+    cfg = HEServiceConfig(model_files=(str(save_model(he_model, tmp_path / "m.json")),), plaintext_dev=True)
     server, port = loop_thread.run(create_server(cfg, [aio_server_interceptor(tracer_provider=provider)], provider))
     loop_thread.run(server.start())
     try:
