@@ -113,32 +113,6 @@ def dev_plaintext_warning(service: str) -> None:
     print(f"WARNING [{service}]: {PLAINTEXT_WARNING}", file=sys.stderr)
 
 
-def server_credentials_or_plaintext(certs_dir: str | Path | None, service: str,
-                                    insecure_dev_plaintext: bool = False) -> grpc.ServerCredentials | None:
-    """What every server's startup should call: mTLS credentials, or None (plaintext) only when the
-    developer passed the explicit flag, with a warning; neither is an error, never a quiet default."""
-    if certs_dir:
-        return server_credentials(certs_dir, service)
-    if insecure_dev_plaintext:
-        dev_plaintext_warning(service)
-        return None
-    raise FileNotFoundError(f"{service}: no certificates configured; run `privlm certs --out DIR` and pass it, "
-                            "or pass --insecure-dev-plaintext for development")
-
-
-def secure_channel(target: str, certs_dir: str | Path | None, service: str, server_name: str,
-                   insecure_dev_plaintext: bool = False, options=()) -> grpc.aio.Channel:
-    """An aio channel from `service` to the service `server_name` at `target`, with the same rules."""
-    if certs_dir:
-        opts = [("grpc.ssl_target_name_override", server_name), *options]
-        return grpc.aio.secure_channel(target, channel_credentials(certs_dir, service), options=opts)
-    if insecure_dev_plaintext:
-        dev_plaintext_warning(f"{service}->{server_name}")
-        return grpc.aio.insecure_channel(target, options=list(options))
-    raise FileNotFoundError(f"{service}: no certificates configured for the channel to {server_name}; run "
-                            "`privlm certs --out DIR` or pass --insecure-dev-plaintext for development")
-
-
 def peer_identity(context: grpc.aio.ServicerContext) -> str | None:
     """The caller's service name: the CN of its verified client certificate (None without TLS)."""
     auth = context.auth_context()

@@ -81,16 +81,22 @@ def test_worker_accepts_only_gateway_peer(tmp_path):
 
 
 def test_plaintext_only_behind_the_explicit_flag_and_it_warns(tmp_path, capsys):
-    with pytest.raises(FileNotFoundError, match="insecure-dev-plaintext"):
-        certs.server_credentials_or_plaintext(None, "worker")
-    assert certs.server_credentials_or_plaintext(None, "worker", insecure_dev_plaintext=True) is None
+    """The one transport switch (privlm.transport.TransportConfig): mTLS or explicit dev plaintext."""
+    from privlm.config import ConfigError
+    from privlm.transport import TransportConfig
+
+    with pytest.raises(ConfigError, match="plaintext_dev"):
+        TransportConfig()
+    assert TransportConfig(plaintext_dev=True).server_credentials("worker") is None
     assert "PLAINTEXT" in capsys.readouterr().err
     certs.create(tmp_path)
-    assert certs.server_credentials_or_plaintext(tmp_path, "worker") is not None
+    mtls = TransportConfig(tls_dir=str(tmp_path))
+    assert mtls.server_credentials("worker") is not None
 
     async def main():
         server, port = await _worker_like_server(tmp_path)
-        async with certs.secure_channel(f"127.0.0.1:{port}", tmp_path, "gateway", "worker") as ch:
+        opts = [("grpc.ssl_target_name_override", "worker")]
+        async with mtls.aio_channel(f"127.0.0.1:{port}", "gateway", options=opts) as ch:
             r = await audit_pb2_grpc.AuditStub(ch).GetCheckpoint(audit_pb2.GetCheckpointRequest(), timeout=10)
         await server.stop(None)
         return r.origin
