@@ -168,6 +168,19 @@ def test_idle_group_is_kept_alive_by_heartbeats(engine, tiny_llama):
     assert got == hf_generate(tiny_llama[1], PROMPTS[1], 6)
 
 
+def test_scoring_for_the_canary_equals_transformers(engine, tiny_llama):
+    """engine.score (teacher-forced log-probs, the perplexity canary's input) through both ranks."""
+    from privlm.telemetry.canary import hf_scorer
+
+    ids = [1, 17, 99, 23, 5, 42, 7, 130, 64]
+    ours = engine.score(ids)
+    ref = hf_scorer(tiny_llama[1])(ids)
+    assert len(ours) == len(ids) - 1 and max(abs(a - b) for a, b in zip(ours, ref)) < 1e-4
+    assert run(engine, "after-score", [1, 5, 9], 3)[0]                       # generation unaffected
+    with pytest.raises(InvalidRequest):
+        engine.score([1])
+
+
 def test_invalid_requests_are_refused(engine):
     with pytest.raises(InvalidRequest):
         engine.submit(GenerationRequest("empty", (), SamplingParams(max_new_tokens=4)), lambda ev: None)

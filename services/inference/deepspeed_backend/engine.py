@@ -55,6 +55,7 @@ class DeepSpeedEngine:
         self._waiting: collections.deque[_Live] = collections.deque()
         self._running: dict[str, _Live] = {}
         self._cancels: set[str] = set()
+        self._scores: collections.deque = collections.deque()     # (token ids, Future): canary scoring
         self._healthy = True
         self._closed = False
         self._error = ""
@@ -85,6 +86,23 @@ class DeepSpeedEngine:
                 raise EngineOverloaded(f"{len(self._waiting)} requests waiting (max_queue {self.config.max_queue})")
             self._waiting.append(_Live(request, on_event))
             self._cv.notify()
+
+    def score(self, token_ids: list[int], timeout: float = 120.0) -> list[float]:
+        """Teacher-forced log-probs of token_ids[1:] (the perplexity canary), run by the step loop
+        on every rank between steps. Blocks the caller, not the loop."""
+        import concurrent.futures
+
+        if not 2 <= len(token_ids) <= min(self.info.context_window, self.config.max_num_batched_tokens):
+            raise InvalidRequest(f"scoring needs 2..{self.config.max_num_batched_tokens} tokens")
+        if min(token_ids) < 0 or max(token_ids) >= self.info.vocab_size:
+            raise InvalidRequest(f"token ids must lie in [0, {self.info.vocab_size})")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cv:
+            if not self.healthy:
+                raise EngineUnavailable(self._error or "the deepspeed engine is shut down")
+            self._scores.append((tuple(token_ids), fut))
+            self._cv.notify()
+        return fut.result(timeout)
 
     def cancel(self, request_id: str) -> None:
         with self._cv:
@@ -138,7 +156,8 @@ class DeepSpeedEngine:
                 ended: list[_Live] = []
                 heartbeat = False
                 with self._cv:
-                    while not (self._closed or self._waiting or self._running or self._cancels or drop):
+                    while not (self._closed or self._waiting or self._running or self._cancels or drop
+                               or self._scores):
                         if time.monotonic() - last_step > self.heartbeat_s:
                             heartbeat = True
                             break
@@ -167,6 +186,7 @@ class DeepSpeedEngine:
                             break
                         budget -= n
                         admitted.append(self._waiting.popleft())
+                    scoring = self._scores.popleft() if self._scores else None
                 for live in ended:
                     self._emit(live, (), FinishReason.CANCELLED)
                 plan = StepPlan(
@@ -174,15 +194,23 @@ class DeepSpeedEngine:
                     decode=tuple((rid, live.last_token) for rid, live in self._running.items()),
                     prefill=tuple(Prefill(a.request.request_id, tuple(a.request.prompt_token_ids), a.request.sampling.temperature,
                                           a.request.sampling.top_p, a.request.sampling.top_k, a.request.sampling.seed)
-                                  for a in admitted))
+                                  for a in admitted),
+                    score=scoring[0] if scoring else ())
                 drop = []
-                if not (plan.drop or plan.decode or plan.prefill or heartbeat):
+                if not (plan.drop or plan.decode or plan.prefill or plan.score or heartbeat):
                     continue
                 with self._cv:
                     for a in admitted:
                         self._running[a.request.request_id] = a
-                result = self._group.step(plan)
+                try:
+                    result = self._group.step(plan)
+                except BaseException as e:
+                    if scoring:
+                        scoring[1].set_exception(EngineUnavailable(f"deepspeed worker group failed: {e}"))
+                    raise
                 last_step = time.monotonic()
+                if scoring:
+                    scoring[1].set_result(result.scores)
                 drop = self._deliver(result.tokens)
                 with self._cv:
                     if heartbeat:
@@ -238,6 +266,9 @@ class DeepSpeedEngine:
             lives = list(self._running.values()) + list(self._waiting)
             self._running.clear()
             self._waiting.clear()
+            scores, self._scores = list(self._scores), collections.deque()
+        for _, fut in scores:
+            fut.set_exception(EngineUnavailable(error or "the deepspeed engine is shut down"))
         for live in lives:
             self._emit(live, (), reason, error)
 

@@ -26,6 +26,7 @@ class StepPlan:
     drop: tuple[str, ...] = ()                      # rows leaving the batch (finished, cancelled)
     prefill: tuple[Prefill, ...] = ()               # prompts joining the batch, one forward each
     decode: tuple[tuple[str, int], ...] = ()        # (request_id, token to feed) for running rows
+    score: tuple[int, ...] = ()                     # teacher-forced log-probs of these tokens (the canary)
     stop: bool = False                              # shut the group down
 
 
@@ -36,6 +37,7 @@ class StepResult:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     kv_cache_tokens: int = 0                                # batch rows x cache width, padding included
+    scores: list[float] = field(default_factory=list)       # log p(score[i+1] | score[:i+1])
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,8 @@ class BatchRunner:
             if tok is not None:
                 result.tokens[p.request_id] = tok
         result.prefill_seconds = time.perf_counter() - t0 if plan.prefill else 0.0
+        if plan.score:
+            result.scores = self._score(plan.score)
         result.kv_cache_tokens = len(self.rows) * self.width
         return result
 
@@ -138,6 +140,17 @@ class BatchRunner:
             return None
         sampler = self.samplers[p.request_id] = Sampler(p)
         return sampler(out.logits[0, -1].float().cpu())
+
+    @torch.inference_mode()
+    def _score(self, token_ids: tuple[int, ...]) -> list[float]:
+        """Teacher-forced log-probs of token_ids[1:], one forward without the batch's cache (every
+        rank runs it: AutoTP's all-reduces); rank 0 returns them."""
+        ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)     # [1, T]
+        out = self.model(input_ids=ids, use_cache=False)
+        if not self.sampler_rank:
+            return []
+        logp = torch.log_softmax(out.logits[0, :-1].float(), dim=-1)              # [T-1, V]
+        return logp.gather(-1, ids[0, 1:, None])[:, 0].cpu().tolist()
 
     @torch.inference_mode()
     def _decode(self, feed: dict[str, int]) -> dict[str, int]:
