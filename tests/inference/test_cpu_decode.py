@@ -81,3 +81,19 @@ def test_fused_with_qkv_bias(tmp_path):
 def test_disabled_by_config(default_model):
     cfg = EngineConfig(model=str(default_model), dtype="float32", threads=1, num_kv_blocks=4, cpu_fused_decode=False)
     assert ModelRunner(cfg, Comm()).model.fused_decode is None
+
+
+def test_stale_build_lock_is_cleared(tmp_path):
+    import os
+    import time
+
+    from services.inference.engine.cpu_decode import _clear_stale_lock
+
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    _clear_stale_lock(lock)
+    assert lock.exists()                                   # fresh: another build may hold it
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    _clear_stale_lock(lock)
+    assert not lock.exists()

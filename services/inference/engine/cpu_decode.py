@@ -31,6 +31,7 @@ def extension():
 
                 build = cache_dir() / "torch_extensions" / "privlm_decode_cpu"
                 build.mkdir(parents=True, exist_ok=True)
+                _clear_stale_lock(build / "lock")
                 _ext.append(load(name="privlm_decode_cpu", sources=[str(_SRC)], extra_cflags=["-O3"],
                                  build_directory=str(build), verbose=False))
             except Exception as exc:  # noqa: BLE001 - speed only: the Python path stays correct
@@ -38,6 +39,19 @@ def extension():
                             type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
                 _ext.append(None)
         return _ext[0]
+
+
+def _clear_stale_lock(lock: Path, max_age_s: float = 600.0) -> None:
+    """torch waits forever on a build lock left by a killed build (Ctrl-C, a CI timeout); a build
+    takes ~25 s, so a lock older than max_age_s is stale."""
+    import time
+
+    try:
+        if time.time() - lock.stat().st_mtime > max_age_s:
+            lock.unlink()
+            log.warning("removed a stale extension build lock: %s", lock)
+    except FileNotFoundError:
+        pass
 
 
 class FusedDecode:
