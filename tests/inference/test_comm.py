@@ -115,3 +115,46 @@ def test_tp2_engine_with_shm_plans_matches_gloo(tmp_path):
         finally:
             eng.shutdown()
     assert out["shm"] == out["gloo"]
+
+
+def test_shm_channel_rank0_gives_up_on_a_follower_that_stops_reading():
+    """A follower that never takes its plan: rank 0 raises after timeout_s instead of hanging."""
+    import time
+
+    from services.inference.engine.shm_channel import ShmChannel
+
+    ch = ShmChannel(None, 0, 2, capacity=1024, timeout_s=0.5)
+    try:
+        ch.send({"step": 1}, lambda obj: None)               # nobody acknowledges it
+        t = time.monotonic()
+        with pytest.raises(RuntimeError, match="did not take step plan"):
+            ch.send({"step": 2}, lambda obj: None)
+        assert time.monotonic() - t < 5
+    finally:
+        ch.close()
+
+
+def test_tp2_shm_plans_rank_death_ends_requests(tmp_path):
+    """With shared-memory plans a dead follower still ends in-flight work with an error, quickly."""
+    import time
+
+    from services.inference.config import EngineConfig
+    from services.inference.engine import create_engine
+    from services.inference.types import FinishReason
+    from tests.inference.engine_helpers import submit
+    from tests.inference.tiny_models import build
+
+    path = build("llama", tmp_path / "tiny")
+    eng = create_engine(EngineConfig(model=str(path), dtype="float32", tp=2, threads=1, plan_channel="shm",
+                                     rank_timeout_s=5))
+    try:
+        c = submit(eng, "victim", [1, 5, 9], 200)
+        while not c.tokens:
+            time.sleep(0.005)
+        eng.group.procs[0].kill()
+        _, reason, err = c.wait(30)
+        assert reason == FinishReason.ERROR and err and not eng.healthy
+    finally:
+        t = time.monotonic()
+        eng.shutdown()
+        assert time.monotonic() - t < 40
