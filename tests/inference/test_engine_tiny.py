@@ -140,10 +140,11 @@ def test_padded_static_decode_path(ckpts, refs):
     assert out == refs["llama"][:3]
 
 
-def test_launcher_environment(ckpts, refs, monkeypatch):
+def _launcher_follower(cfg: dict, monkeypatch):
     """torchrun-style launch: RANK/WORLD_SIZE/MASTER_* set; rank 1 runs run_follower in its own
-    process, rank 0 create_engine here; they meet through the env:// rendezvous."""
+    process (returned), rank 0's environment is set here for create_engine."""
     import json
+    import os
     import socket
     import subprocess
     import sys
@@ -154,16 +155,21 @@ def test_launcher_environment(ckpts, refs, monkeypatch):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    cfg = dict(model=str(ckpts["llama"]), dtype="float32", tp=2, threads=1)
     code = ("import json, sys; from privlm.config import from_mapping; "
             "from services.inference.config import EngineConfig; "
             "from services.inference.engine import run_follower; "
             "run_follower(from_mapping(EngineConfig, json.loads(sys.argv[1])))")
     follower = subprocess.Popen([sys.executable, "-c", code, json.dumps(cfg)], cwd=root,
-                                env={**__import__("os").environ, **env, "RANK": "1", "LOCAL_RANK": "1",
-                                     "PYTHONPATH": str(root)})
+                                env={**os.environ, **env, "RANK": "1", "LOCAL_RANK": "1", "PYTHONPATH": str(root)})
     for k, v in {**env, "RANK": "0", "LOCAL_RANK": "0"}.items():
         monkeypatch.setenv(k, v)
+    return follower
+
+
+def test_launcher_environment(ckpts, refs, monkeypatch):
+    """Rank 0 create_engine here, rank 1 run_follower elsewhere; they meet through env://."""
+    cfg = dict(model=str(ckpts["llama"]), dtype="float32", tp=2, threads=1)
+    follower = _launcher_follower(cfg, monkeypatch)
     try:
         eng = create_engine(EngineConfig(**cfg))
         try:
@@ -172,6 +178,29 @@ def test_launcher_environment(ckpts, refs, monkeypatch):
         finally:
             eng.shutdown()
         assert follower.wait(timeout=30) == 0
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+
+
+def test_launcher_follower_death_is_noticed_while_idle(ckpts, monkeypatch):
+    """A launcher follower (maybe on another host: not our child) that dies while no request runs:
+    its heartbeats stop and the group turns NOT_SERVING without waiting for a collective to fail."""
+    cfg = dict(model=str(ckpts["llama"]), dtype="float32", tp=2, threads=1, rank_timeout_s=3)
+    follower = _launcher_follower(cfg, monkeypatch)
+    try:
+        eng = create_engine(EngineConfig(**cfg))
+        try:
+            assert generate(eng, PROMPTS[:1], 4)
+            follower.kill()
+            deadline = time.monotonic() + 20
+            while eng.healthy and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not eng.healthy
+            with pytest.raises(EngineUnavailable):
+                eng.submit(GenerationRequest("late", (1, 2), SamplingParams(max_new_tokens=2)), lambda e: None)
+        finally:
+            eng.shutdown()
     finally:
         if follower.poll() is None:
             follower.kill()

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -50,26 +51,68 @@ def _comm_from_launcher(config: EngineConfig, rank: int, world: int, local_rank:
     return Comm.create(store, rank, world, _device(config, local_rank), config.rank_timeout_s)
 
 
-class LocalGroup:
-    """Rank 0's handle on its follower ranks: per-rank facts, a death monitor, shutdown."""
+HEARTBEAT_S = 0.5                  # launcher followers bump a store counter this often
 
-    def __init__(self, procs: list[subprocess.Popen]):
+
+def _heartbeat_key(rank: int) -> str:
+    return f"privlm_heartbeat/{rank}"
+
+
+def start_heartbeat(store, rank: int, stopped: threading.Event) -> None:
+    """Follower of a launcher group: bump this rank's counter in rank 0's store every HEARTBEAT_S.
+    If the store is gone (rank 0 died), exit: nothing else would ever stop this process."""
+    def run():
+        while not stopped.wait(HEARTBEAT_S):
+            try:
+                store.add(_heartbeat_key(rank), 1)
+            except Exception:  # noqa: BLE001 - rank 0 is unreachable
+                if not stopped.is_set():
+                    log.error("rank %d: rank 0's store is unreachable; exiting", rank)
+                    os._exit(1)
+    threading.Thread(target=run, name="privlm-heartbeat", daemon=True).start()
+
+
+class LocalGroup:
+    """Rank 0's handle on its follower ranks: per-rank facts, a death monitor, shutdown.
+
+    Spawned followers (procs) are watched as child processes; launcher followers (torchrun, other
+    hosts: no procs) through their heartbeat counters in the store, declared dead after dead_after_s
+    without a beat."""
+
+    def __init__(self, procs: list[subprocess.Popen], store=None, world: int = 1, dead_after_s: float = 10.0):
         self.procs = procs
         self.weight_bytes: list[int] = []
         self.total_parameters = 0
         self._closing = False
         self._monitor: threading.Thread | None = None
+        self._store, self._world, self._dead_after = store, world, dead_after_s
+
+    def _dead_rank(self, beats: dict[int, tuple[int, float]]) -> str | None:
+        for r, p in enumerate(self.procs, start=1):
+            code = p.poll()
+            if code is not None:
+                return f"rank {r} exited with code {code}"
+        if self._store is not None:
+            now = time.monotonic()
+            for r in range(1, self._world):
+                count = self._store.add(_heartbeat_key(r), 0)
+                last, seen = beats.get(r, (-1, now))
+                if count != last:
+                    beats[r] = (count, now)
+                elif now - seen > self._dead_after:
+                    return f"rank {r} sent no heartbeat for {self._dead_after:.0f} s"
+        return None
 
     def watch(self, on_death) -> None:
         def run():
+            beats: dict[int, tuple[int, float]] = {}
             while not self._closing:
-                for r, p in enumerate(self.procs, start=1):
-                    code = p.poll()
-                    if code is not None and not self._closing:
-                        on_death(f"rank {r} exited with code {code}")
-                        return
-                threading.Event().wait(0.1)
-        if self.procs:
+                reason = self._dead_rank(beats)
+                if reason and not self._closing:
+                    on_death(reason)
+                    return
+                threading.Event().wait(0.1 if self.procs else HEARTBEAT_S)
+        if self.procs or self._store is not None:
             self._monitor = threading.Thread(target=run, name="privlm-rank-monitor", daemon=True)
             self._monitor.start()
 
@@ -120,9 +163,12 @@ def run_follower(config: EngineConfig) -> None:
     comm.all_gather_int(runner.weight_bytes)
     comm.all_gather_int(runner.parameters_local)
     comm.enable_shm_plans()
+    stopped = threading.Event()
+    start_heartbeat(comm.store, comm.rank, stopped)
     try:
         runner.follow()
     finally:
+        stopped.set()
         comm.close()
 
 
@@ -144,7 +190,7 @@ def create_engine(config: EngineConfig):
             raise ValueError("plan_channel='shm' needs the local group (privlm worker --tp N); launcher ranks "
                              "may be on other hosts: use 'gloo' or 'auto'")
         comm = _comm_from_launcher(config, *env)
-        group = LocalGroup([])
+        group = LocalGroup([], comm.store, env[1], dead_after_s=max(4 * HEARTBEAT_S, min(config.rank_timeout_s, 10.0)))
     elif config.tp > 1:
         comm, group = start_local_group(config)
         local = True
