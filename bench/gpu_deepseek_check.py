@@ -30,7 +30,6 @@ import argparse
 import json
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -298,25 +297,6 @@ def part_b_tiny(dev, folder, dtype, n: int):
     return "info"
 
 
-def generate_engine(engine, ps, n):
-    from services.inference.types import GenerationRequest, SamplingParams
-
-    results, done = {}, {i: threading.Event() for i in range(len(ps))}
-
-    def cb(i):
-        def on_event(ev):
-            results.setdefault(i, []).extend(ev.token_ids)
-            if ev.finish_reason is not None:
-                done[i].set()
-        return on_event
-    for i, p in enumerate(ps):
-        engine.submit(GenerationRequest(f"r{i}", tuple(p), SamplingParams(max_new_tokens=n)), cb(i))
-    for i in done:
-        if not done[i].wait(120):
-            raise TimeoutError(f"request {i} did not finish")
-    return [results[i] for i in range(len(ps))]
-
-
 def part_engine(dev, folder, dtype, n: int, name: str, ref: str = "native", keep_fp8=False, tp=1):
     """LLMEngine on this device (CUDA graphs on): tokens vs transformers generate() (ref "hf") or vs
     the native model's eager greedy() (ref "native": isolates the engine's paged/graphed path)."""
@@ -324,6 +304,7 @@ def part_engine(dev, folder, dtype, n: int, name: str, ref: str = "native", keep
     from services.inference.deepseek.generate import greedy
     from services.inference.deepseek.model import DeepseekV3ForCausalLM as Native
     from services.inference.engine import create_engine
+    from tests.inference.engine_helpers import generate
 
     from ds_tiny import prompts
 
@@ -341,7 +322,7 @@ def part_engine(dev, folder, dtype, n: int, name: str, ref: str = "native", keep
                        cuda_graphs=True, threads=1 if dev.type == "cpu" else None)
     engine = create_engine(cfg)
     try:
-        got = generate_engine(engine, ps, n)
+        got = generate(engine, ps, n)
         extra = engine.stats().extra
     finally:
         engine.shutdown()

@@ -1,32 +1,12 @@
 """DeepSeek-V3 served by the native engine: create_engine(EngineConfig(model=<deepseek folder>))."""
 from __future__ import annotations
 
-import threading
-
 import pytest
 
 from ds_tiny import build, hf_greedy, prompts
 from services.inference.config import EngineConfig
 from services.inference.engine import create_engine
-from services.inference.types import GenerationRequest, SamplingParams
-
-
-def _generate(engine, ps, n):
-    """Submit all prompts at once (they share batches: mixed prefill + decode steps)."""
-    results = {}
-    done = {i: threading.Event() for i in range(len(ps))}
-
-    def cb(i):
-        def on_event(ev):
-            results.setdefault(i, []).extend(ev.token_ids)
-            if ev.finish_reason is not None:
-                done[i].set()
-        return on_event
-    for i, p in enumerate(ps):
-        engine.submit(GenerationRequest(f"r{i}", tuple(p), SamplingParams(max_new_tokens=n)), cb(i))
-    for i in done:
-        assert done[i].wait(300), f"request {i} did not finish"
-    return [results[i] for i in range(len(ps))]
+from tests.inference.engine_helpers import generate  # all prompts at once: mixed prefill + decode steps
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +25,7 @@ def test_engine_serves_deepseek_v3_greedy_equal_to_transformers(tiny, tp):
     try:
         assert engine.info.architecture == "DeepseekV3ForCausalLM"
         # 16-token step budget: prompts are prefilled in chunks while others decode
-        assert _generate(engine, ps, 10) == want
+        assert generate(engine, ps, 10) == want
         stats = engine.stats()
         assert stats.kv_blocks_free == stats.kv_blocks_total
     finally:
@@ -66,7 +46,7 @@ def test_engine_serves_an_fp8_checkpoint(tmp_path):
     engine = create_engine(EngineConfig(model=str(tmp_path / "fp8"), dtype="float32", num_kv_blocks=64,
                                         block_size=4, threads=1))
     try:
-        assert _generate(engine, ps, 8) == [hf_greedy(ref, p, 8) for p in ps]
+        assert generate(engine, ps, 8) == [hf_greedy(ref, p, 8) for p in ps]
     finally:
         engine.shutdown()
 
@@ -87,7 +67,7 @@ def test_engine_stats_report_expert_load_and_fp8_mode(tmp_path):
                                         block_size=4, threads=1, keep_fp8=True))
     try:
         assert "tokens_routed" not in engine.stats().extra            # no step yet
-        assert _generate(engine, ps, 6) == [hf_greedy(ref, p, 6) for p in ps]
+        assert generate(engine, ps, 6) == [hf_greedy(ref, p, 6) for p in ps]
         ex = engine.stats().extra
         assert ex["fp8_tensor_core_fraction"] == 0.0                   # CPU: dequantized per call
         fed = sum(len(p) + 6 - 1 for p in ps)                          # prompt + generated but the last
