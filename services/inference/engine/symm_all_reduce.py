@@ -25,14 +25,14 @@ log = logging.getLogger(__name__)
 _RENDEZVOUS = [0]        # symmetric-memory rendezvous this process has done
 
 
-def _register(name: str, store, rank: int, size: int, device=None, backend=None):
-    """A ProcessGroup registered under `name` (symmetric memory resolves groups by name)."""
+def _register(name: str, store, rank: int, size: int, device: torch.device, nccl_backend):
+    """A ProcessGroup over an existing NCCL backend, registered under `name` (symmetric memory
+    resolves groups by name; torch 2.11 needs the registration, set_group_info alone is not enough)."""
     from torch._C._distributed_c10d import _register_process_group, _SymmetricMemory
 
     pg = dist.ProcessGroup(store, rank, size)
-    if backend is not None:
-        pg._set_default_backend(dist.ProcessGroup.BackendType.NCCL)
-        pg._register_backend(device, dist.ProcessGroup.BackendType.NCCL, backend)
+    pg._set_default_backend(dist.ProcessGroup.BackendType.NCCL)
+    pg._register_backend(device, dist.ProcessGroup.BackendType.NCCL, nccl_backend)
     pg._set_group_name(name)
     _register_process_group(name, pg)
     try:
