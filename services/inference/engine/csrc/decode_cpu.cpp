@@ -97,5 +97,8 @@ at::Tensor decode(at::Tensor residual, const std::vector<at::Tensor>& weights, c
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode", &decode, "all layers of a Llama decode step (CPU): one new token per sequence");
+  // Without the GIL, like every torch op called from Python: the worker's gRPC event loop keeps
+  // running during a step (holding it made each RPC wait out the whole step).
+  m.def("decode", &decode, py::call_guard<py::gil_scoped_release>(),
+        "all layers of a Llama decode step (CPU): one new token per sequence");
 }
