@@ -25,14 +25,15 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.hf_baseline import hf_token_times  # noqa: E402
+from bench.hf_baseline import HFProcess  # noqa: E402
 from bench.report import report  # noqa: E402
 
 
-def hf_run(model, ids: list[int], new_tokens: int) -> tuple[float, float]:
-    """(time to first token, total) of one greedy generate() call, timed by a streamer."""
-    t0, times = hf_token_times(model, ids, new_tokens)
-    return times[1] - t0, time.perf_counter() - t0
+def hf_run(hf: HFProcess, ids: list[int], new_tokens: int) -> tuple[float, float]:
+    """(time to first token, total) of one greedy generate() call in the baseline's own process,
+    timed by a streamer (total: to the last token)."""
+    t0, times = hf.times(ids, new_tokens)
+    return times[1] - t0, times[-1] - t0
 
 
 async def gateway_run(target: str, ids_prompt_messages, new_tokens: int) -> tuple[float, float, int]:
@@ -65,7 +66,6 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     import torch
-    from transformers import AutoModelForCausalLM
 
     from gateway.scenarios.finreport import analysis_messages, build_report
     from gateway.scenarios.stack import ScenarioStack
@@ -80,7 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     ids = ModelTokenizer(str(model_dir)).encode_chat(messages)
     warm_messages = (("user", report_.text[: args.warmup_tokens * 2]),)
     warm_ids = ModelTokenizer(str(model_dir)).encode_chat(warm_messages)
-    dtype = getattr(torch, args.dtype)
 
     async def gateway_side():
         stack = await ScenarioStack.start(model_dir, dtype=args.dtype, threads=threads)
@@ -91,9 +90,12 @@ def main(argv: list[str] | None = None) -> int:
             await stack.close()
 
     gw = asyncio.run(gateway_side())
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True).eval()
-    hf_run(model, warm_ids, 4)
-    hf = [hf_run(model, ids, args.new_tokens) for _ in range(args.reps)]
+    baseline = HFProcess(str(model_dir), threads, args.dtype)          # its own process: one OpenMP pool each
+    try:
+        hf_run(baseline, warm_ids, 4)
+        hf = [hf_run(baseline, ids, args.new_tokens) for _ in range(args.reps)]
+    finally:
+        baseline.close()
 
     gw_ttft = statistics.median(t for t, _, _ in gw)
     gw_total = statistics.median(t for _, t, _ in gw)
