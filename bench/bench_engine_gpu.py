@@ -138,6 +138,24 @@ def _step_breakdown(engine) -> dict:
     return rec
 
 
+def bs1_rate(engine, prompt, n, reps, tag: str) -> tuple[float, dict]:
+    """Median batch-1 decode tokens/s over reps runs (after one warm-up run) and the median step
+    breakdown of the last run in ms (see _step_breakdown)."""
+    rates, rec = [], _step_breakdown(engine)
+    for i in range(reps + 1):
+        for v in rec.values():
+            v.clear()
+        tl = _submit(engine, f"{tag}-{i}", prompt, n)
+        if not tl.done.wait(180):
+            raise TimeoutError(f"{tag} request did not finish in 180 s")
+        if tl.events_error:
+            raise RuntimeError(tl.events_error)
+        if i:
+            rates.append(decode_rate(tl.times))
+    steps = {f"{k}_ms": round(statistics.median(v[2:]) * 1e3, 3) for k, v in rec.items() if len(v) > 2}
+    return statistics.median(rates), steps
+
+
 def tp2_rate(cfg, prompt, n, reps, variants):
     """Batch-1 decode at TP=2 for each variant, each in its own process (one engine per process, as
     a worker runs: symmetric memory is set up once per process), rank 1 on the second GPU:
@@ -157,47 +175,26 @@ def tp2_rate(cfg, prompt, n, reps, variants):
 
 
 def tp2_one(cfg, prompt, n, reps, label) -> dict:
-    """One TP=2 variant in this process (see tp2_rate)."""
-    import torch
-
+    """One TP=2 variant in this process (see tp2_rate); errors come back as {"error": ...}."""
     from services.inference.config import EngineConfig
     from services.inference.engine import create_engine
 
-    out = {}
-    for label in [label]:
-        kw = TP2_VARIANTS[label]
-        with tempfile.TemporaryDirectory() as d:
-            cfg.save_pretrained(d)
+    with tempfile.TemporaryDirectory() as d:
+        cfg.save_pretrained(d)
+        try:
+            ec = EngineConfig(model=d, dtype="bfloat16", device="cuda", tp=2, load_format="dummy",
+                              max_model_len=4096, kv_cache_bytes=4 << 30, **TP2_VARIANTS[label])
+            engine = create_engine(ec)
             try:
-                ec = EngineConfig(model=d, dtype="bfloat16", device="cuda", tp=2, load_format="dummy",
-                                  max_model_len=4096, kv_cache_bytes=4 << 30, **kw)
-                engine = create_engine(ec)
-                try:
-                    rates, rec = [], _step_breakdown(engine)
-                    for i in range(reps + 1):
-                        for v in rec.values():
-                            v.clear()
-                        tl = _submit(engine, f"tp2-{i}", prompt, n)
-                        if not tl.done.wait(180):
-                            raise TimeoutError("tp2 request did not finish in 180 s")
-                        if tl.events_error:
-                            raise RuntimeError(tl.events_error)
-                        if i:
-                            rates.append(decode_rate(tl.times))
-                    out[label] = {"tok_s": round(statistics.median(rates), 1),
-                                  "all_reduce_path": engine.runner.comm.all_reduce_path,
-                                  "plan_channel": "shm" if engine.runner.comm.channel is not None else "gloo",
-                                  "cuda_graphs_tp": ec.cuda_graphs_tp,
-                                  **{f"{k}_ms": round(statistics.median(v[2:]) * 1e3, 3) for k, v in rec.items()}}
-                finally:
-                    engine.shutdown()
-                del engine
-                gc.collect()
-                torch.cuda.empty_cache()
-            except Exception as exc:                      # report, go on with the other variants
-                print(f"# tp2 {label} failed: {exc!r}", flush=True)
-                out[label] = {"error": repr(exc)[:300]}
-    return out[label]
+                rate, steps = bs1_rate(engine, prompt, n, reps, "tp2")
+                comm = engine.runner.comm
+                return {"tok_s": round(rate, 1), "all_reduce_path": comm.all_reduce_path,
+                        "plan_channel": "shm" if comm.channel is not None else "gloo",
+                        "cuda_graphs_tp": ec.cuda_graphs_tp, **steps}
+            finally:
+                engine.shutdown()
+        except Exception as exc:                          # reported by the parent with the other variants
+            return {"error": repr(exc)[:300]}
 
 
 def hf_rate(cfg, prompt, n, reps) -> float:
@@ -261,16 +258,7 @@ def main(argv: list[str]) -> None:
                                             max_num_batched_tokens=8192))
         print(f"# engine up in {time.perf_counter() - t0:.1f}s", flush=True)
         try:
-            rates, rec = [], _step_breakdown(engine)
-            for i in range(args.reps + 1):
-                for v in rec.values():
-                    v.clear()
-                tl = _submit(engine, f"bs1-{i}", prompt, n)
-                tl.done.wait()
-                if i:
-                    rates.append(decode_rate(tl.times))
-            bs1 = statistics.median(rates)
-            tp1_steps = {f"{k}_ms": round(statistics.median(v[2:]) * 1e3, 3) for k, v in rec.items() if len(v) > 2}
+            bs1, tp1_steps = bs1_rate(engine, prompt, n, args.reps, "bs1")
             print(f"# tp1 bs1: {bs1:.1f} tok/s {tp1_steps}", flush=True)
             r = engine.runner
             embed = r.model.model.embed_tokens.weight

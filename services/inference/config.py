@@ -39,7 +39,7 @@ class EngineConfig:
     plan_channel: str = "auto"              # step plans to follower ranks: "shm" (shared memory, ranks on
                                             # one host), "gloo", or "auto" (shm for CUDA local groups)
     keep_fp8: bool = False                  # FP8 block-scaled checkpoints (DeepSeek): weights stay FP8
-                                            # and run FP8 tensor-core matmuls (CUDA, sm89+ only)
+                                            # and run FP8 tensor-core matmuls (CUDA sm90: H100/H200)
 
     def __post_init__(self):
         check(self.tp >= 1, f"tp must be >= 1, got {self.tp}")

@@ -36,12 +36,11 @@ class AttnMetadata:
     decode_mask: torch.Tensor | None = None    # [B, 1, 1, Lmax] additive float mask (0 / -inf), None
                                                # when all lengths are equal
     block_size: int = 0
-    decode_blocks: torch.Tensor | None = None  # [B * nblk] block ids (padded with a zero block): a
-                                               # block-granular gather, 16x fewer index ops than slots
     decode_block_mask: torch.Tensor | None = None  # [B, 1, 1, nblk * block_size] additive
-    decode_block_rows: torch.Tensor | None = None  # [2 Hkv * B * nblk] the same blocks as rows of the
-                                                   # layer cache viewed [2 Hkv * blocks, bs * D]: a dim-0
-                                                   # gather, ~35% faster than index_select on dim 1
+    decode_block_rows: torch.Tensor | None = None  # [2 Hkv * B * nblk] each sequence's blocks (padded with
+                                                   # a zero block) as rows of the layer cache viewed
+                                                   # [2 Hkv * blocks, bs * D]: a block-granular dim-0 gather
+                                                   # (16x fewer index ops than slots, ~35% faster than dim 1)
     prefills: list[PrefillMeta] = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # per-step tensors a model wants to share across layers
 
@@ -91,12 +90,10 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttnMetadata, s
     if meta.decode_range is not None:
         a, e = meta.decode_range
         kv = cache[:, a:e]                                      # [2 Hkv, L, D] (a view, B == 1)
-    elif meta.decode_blocks is not None:                        # gather: memory-bound, all threads
+    elif meta.decode_block_rows is not None:                    # gather: memory-bound, all threads
         bs = meta.block_size
-        if meta.decode_block_rows is not None:
-            kv = cache.view(-1, bs * d).index_select(0, meta.decode_block_rows).view(2 * hkv, -1, bs * d)
-        else:
-            kv = cache.view(2 * hkv, -1, bs * d).index_select(1, meta.decode_blocks)  # [2 Hkv, B * nblk, bs * D]
+        kv = cache.view(-1, bs * d).index_select(0, meta.decode_block_rows)      # [2 Hkv * B * nblk, bs * D]
+        kv = kv.view(2 * hkv, -1, bs * d)                                        # [2 Hkv, B * nblk, bs * D]
         lctx = kv.shape[1] // b * bs
         kv = kv.view(2 * hkv, b * lctx, d)
         mask = meta.decode_block_mask

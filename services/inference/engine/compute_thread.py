@@ -45,6 +45,3 @@ class ComputeThread:
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
-
-    def is_current(self) -> bool:
-        return threading.current_thread() is self._thread

@@ -3,7 +3,7 @@
 The extension runs the same ATen ops in the same order as the Python path, so results are
 bit-identical (tests/inference/test_cpu_decode.py checks it); it removes ~2 us of interpreter
 overhead from each of ~240 ops of a step. It is built on first use with the system C++ compiler
-into .cache/torch_extensions (about a minute, once). Without a compiler, or if the build fails,
+into .cache/torch_extensions (~25 s, once; `make model` does it). Without a compiler, or if the build fails,
 the engine logs that and keeps the Python path: only speed differs.
 """
 from __future__ import annotations
@@ -77,7 +77,6 @@ class FusedDecode:
         for l, (qkv, o, gu, down) in zip(layers, lins):
             self.weights += [l.input_layernorm.weight, w(qkv), w(o), l.post_attention_layernorm.weight, w(gu),
                              w(down)]
-            self.weights.append(empty)            # slot 7: reserved (keeps the stride of 7 per layer)
             self.biases += [b(qkv), b(o), b(gu), b(down)]
         a = layers[0].self_attn
         self.hq, self.hkv, self.d = a.hq, a.hkv, a.head_dim

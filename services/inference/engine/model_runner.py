@@ -190,13 +190,12 @@ class ModelRunner:
             mask = torch.zeros((len(dec), lmax), dtype=torch.float32, device=dev)
             mask.masked_fill_(p[None, :] >= lt[:, None], float("-inf"))
             meta.decode_mask = mask[:, None, None, :]                            # [B, 1, 1, Lmax]
-        pb = torch.arange(nblk * bs, device=dev)
-        bmask = torch.zeros((len(dec), nblk * bs), dtype=torch.float32, device=dev)
-        bmask.masked_fill_(pb[None, :] >= lt[:, None], float("-inf"))
-        meta.block_size = bs
-        meta.decode_blocks = table.reshape(-1)                                   # [B * nblk]
-        if self.kv_cache.dim() == 4:                    # [layers, 2 Hkv, slots, D]: rows of the [-1, bs * D] view
+        if self.kv_cache.dim() == 4:             # head-major [layers, 2 Hkv, slots, D]: the block gather
+            pb = torch.arange(nblk * bs, device=dev)
+            bmask = torch.zeros((len(dec), nblk * bs), dtype=torch.float32, device=dev)
+            bmask.masked_fill_(pb[None, :] >= lt[:, None], float("-inf"))
             heads, per_head = self.kv_cache.shape[1], self.kv_cache.shape[2] // bs
-            rows = torch.arange(heads, device=dev)[:, None] * per_head + meta.decode_blocks[None, :]
+            rows = torch.arange(heads, device=dev)[:, None] * per_head + table.reshape(-1)[None, :]
+            meta.block_size = bs
             meta.decode_block_rows = rows.reshape(-1)                            # [2 Hkv * B * nblk]
-        meta.decode_block_mask = bmask[:, None, None, :]                         # [B, 1, 1, nblk * bs]
+            meta.decode_block_mask = bmask[:, None, None, :]                     # [B, 1, 1, nblk * bs]

@@ -35,7 +35,7 @@ std::optional<at::Tensor> opt(const at::Tensor& t) {
 }  // namespace
 
 // One decode step of B sequences (one new token each). residual: [B, H] embeddings. Per layer i,
-// weights[7 * i + k] for k = ln1, qkv, o, ln2, gate_up, down, and biases[4 * i + k] for k = qkv, o,
+// weights[6 * i + k] for k = ln1, qkv, o, ln2, gate_up, down, and biases[4 * i + k] for k = qkv, o,
 // gate_up, down (numel 0 = none). caches: [layers, 2 Hkv, slots, D]; new tokens go to `slots` [B].
 // Context: with `blocks` empty, B == 1 and slots [ctx_start, ctx_start + ctx_len); else the
 // block-gather layout of attention.py (blocks = decode_block_rows [2 Hkv * B * nblk], block_mask
@@ -50,7 +50,7 @@ at::Tensor decode(at::Tensor residual, const std::vector<at::Tensor>& weights, c
   const int64_t layers = caches.size(0), g = hq / hkv, b = residual.size(0);
   at::Tensor x, h;
   for (int64_t i = 0; i < layers; ++i) {
-    const at::Tensor* w = &weights[7 * i];
+    const at::Tensor* w = &weights[6 * i];
     const at::Tensor* bias = &biases[4 * i];
     if (x.defined()) residual = residual + x;                          // ops.add_rms_norm
     h = rms_norm(residual, w[0], eps);
