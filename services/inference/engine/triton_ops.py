@@ -256,3 +256,33 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_table: to
         merge[(b, hq)](m_buf, l_buf, acc_buf, out, out.stride(0), n_parts,
                        HQ=hq, D=d, NPP=triton.next_power_of_2(n_parts))
     return out
+
+
+def rope_kv_write_torch(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor,
+                        cache: torch.Tensor, hq: int, hkv: int, d: int) -> torch.Tensor:
+    """The torch sequence rope_kv_write replaces (as models/llama.py + attention.paged_attention do
+    it): the reference in tests and the GPU check."""
+    from services.inference.engine import ops
+
+    n = qkv.shape[0]
+    qk = ops.rope(qkv[:, :(hq + hkv) * d].view(n, hq + hkv, d), cos, sin, d // 2)   # [N, Hq + Hkv, D]
+    v = qkv[:, (hq + hkv) * d:].view(n, hkv, d)                                       # [N, Hkv, D]
+    cache.index_copy_(1, slot_mapping, torch.cat((qk[:, hq:], v), dim=1).transpose(0, 1))
+    return qk[:, :hq]
+
+
+def paged_decode_attention_torch(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,
+                                 context_lens: torch.Tensor, scale: float, block_size: int) -> torch.Tensor:
+    """Plain softmax attention per sequence in fp32 (host-synchronising: an oracle, not a fast path)."""
+    b, hq, d = q.shape
+    hkv = cache.shape[0] // 2
+    out = []
+    for i, n in enumerate(context_lens.tolist()):
+        pos = torch.arange(n, device=q.device)
+        slots = block_table[i, pos // block_size].long() * block_size + pos % block_size   # [L]
+        k = cache[:hkv, slots].float()                                                  # [Hkv, L, D]
+        v = cache[hkv:, slots].float()
+        qq = q[i].float().view(hkv, hq // hkv, d)                                       # [Hkv, G, D]
+        p = torch.softmax(qq @ k.transpose(1, 2) * scale, dim=-1)                       # [Hkv, G, L]
+        out.append((p @ v).reshape(hq * d))
+    return torch.stack(out).to(q.dtype)                                                 # [B, Hq * D]
