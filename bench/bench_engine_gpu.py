@@ -87,28 +87,35 @@ def check_tiny() -> bool:
 
 
 def _profile_decode(runner) -> None:
-    """Kernel time breakdown of one batch-1 decode step, eager and replayed (diagnostics only)."""
+    """Kernel time breakdown of one batch-1 decode step, eager and replayed (diagnostics only).
+    At tp > 1 (rank 0) only the replayed step, through runner.step so that followers take part."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     from services.inference.engine.scheduler import Chunk, StepPlan
 
     plan = StepPlan((Chunk(0, (5,), 200, tuple(range(16)), True),), 1)
-    graphs, runner.graphs = runner.graphs, None
-    for g in (None, graphs):
+    graphs = runner.graphs
+    run = runner.execute if runner.comm.size == 1 else runner.step
+    for g in (None, graphs) if runner.comm.size == 1 else (graphs,):
         runner.graphs = g
         for _ in range(3):
-            runner.execute(plan)
+            run(plan)
         torch.cuda.synchronize()
         t = time.perf_counter()
-        for _ in range(10):
-            runner.execute(plan)
+        for _ in range(20):
+            run(plan)
         torch.cuda.synchronize()
-        print(f"# decode step {'graph' if g else 'eager'}: {(time.perf_counter() - t) / 10 * 1e3:.2f} ms", flush=True)
+        print(f"# decode step tp={runner.comm.size} {'graph' if g else 'eager'}: "
+              f"{(time.perf_counter() - t) / 20 * 1e3:.3f} ms", flush=True)
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-            runner.execute(plan)
+            for _ in range(5):
+                run(plan)
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14), flush=True)
+        events = prof.key_averages()
+        kern = sum(e.self_device_time_total for e in events) / 5
+        print(f"# kernel time per step: {kern / 1e3:.3f} ms", flush=True)
+        print(events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70), flush=True)
     runner.graphs = graphs
 
 
@@ -156,7 +163,17 @@ def bs1_rate(engine, prompt, n, reps, tag: str) -> tuple[float, dict]:
     return statistics.median(rates), steps
 
 
-def tp2_rate(cfg, prompt, n, reps, variants):
+def _without_overlap(engine, prompt, n, reps) -> float:
+    """Batch-1 tokens/s of the same engine with overlapped decoding switched off (the baseline of
+    that optimisation, measured in the same process)."""
+    saved, engine._overlap = engine._overlap, False
+    try:
+        return bs1_rate(engine, prompt, n, reps, "sync")[0]
+    finally:
+        engine._overlap = saved
+
+
+def tp2_rate(cfg, prompt, n, reps, variants, profile_step: bool = False):
     """Batch-1 decode at TP=2 for each variant, each in its own process (one engine per process, as
     a worker runs: symmetric memory is set up once per process), rank 1 on the second GPU:
     {label: {tok_s, all_reduce_path, plan_channel, cuda_graphs_tp, step/broadcast/execute ms}}."""
@@ -166,15 +183,17 @@ def tp2_rate(cfg, prompt, n, reps, variants):
     out = {}
     for label in variants:
         cmd = [sys.executable, "-m", "bench.bench_engine_gpu", "--tp2-one", label, "--new-tokens", str(n),
-               "--reps", str(reps)]
+               "--reps", str(reps)] + (["--profile"] if profile_step else [])
         res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        if profile_step:
+            print("\n".join(ln for ln in res.stdout.splitlines() if not ln.startswith("TP2RESULT ")), flush=True)
         lines = [ln for ln in res.stdout.splitlines() if ln.startswith("TP2RESULT ")]
         out[label] = json.loads(lines[-1][10:]) if lines else {"error": res.stderr[-600:]}
         print(f"# tp2 {label}: {out[label]}", flush=True)
     return out
 
 
-def tp2_one(cfg, prompt, n, reps, label) -> dict:
+def tp2_one(cfg, prompt, n, reps, label, profile_step: bool = False) -> dict:
     """One TP=2 variant in this process (see tp2_rate); errors come back as {"error": ...}."""
     from services.inference.config import EngineConfig
     from services.inference.engine import create_engine
@@ -187,8 +206,11 @@ def tp2_one(cfg, prompt, n, reps, label) -> dict:
             engine = create_engine(ec)
             try:
                 rate, steps = bs1_rate(engine, prompt, n, reps, "tp2")
+                rate_sync = _without_overlap(engine, prompt, n, reps)
+                if profile_step:
+                    _profile_decode(engine.runner)
                 comm = engine.runner.comm
-                return {"tok_s": round(rate, 1), "all_reduce_path": comm.all_reduce_path,
+                return {"tok_s": round(rate, 1), "tok_s_no_overlap": round(rate_sync, 1), "all_reduce_path": comm.all_reduce_path,
                         "plan_channel": "shm" if comm.channel is not None else "gloo",
                         "cuda_graphs_tp": ec.cuda_graphs_tp, **steps}
             finally:
@@ -241,7 +263,7 @@ def main(argv: list[str]) -> None:
 
         plen = 128
         prompt = [128000] + [(i * 7919) % 120000 + 100 for i in range(plen - 1)]
-        res = tp2_one(llama31_8b_config(), prompt, args.new_tokens, args.reps, args.tp2_one)
+        res = tp2_one(llama31_8b_config(), prompt, args.new_tokens, args.reps, args.tp2_one, args.profile)
         print("TP2RESULT " + json.dumps(res), flush=True)
         return
     if args.check:
@@ -259,7 +281,8 @@ def main(argv: list[str]) -> None:
         print(f"# engine up in {time.perf_counter() - t0:.1f}s", flush=True)
         try:
             bs1, tp1_steps = bs1_rate(engine, prompt, n, args.reps, "bs1")
-            print(f"# tp1 bs1: {bs1:.1f} tok/s {tp1_steps}", flush=True)
+            bs1_sync = _without_overlap(engine, prompt, n, args.reps)
+            print(f"# tp1 bs1: {bs1:.1f} tok/s {tp1_steps}; without overlapped decoding {bs1_sync:.1f}", flush=True)
             r = engine.runner
             embed = r.model.model.embed_tokens.weight
             weight_read = r.weight_bytes - embed.numel() * embed.element_size()   # one embedding row per token
@@ -289,11 +312,11 @@ def main(argv: list[str]) -> None:
     torch.cuda.empty_cache()
     tp2 = None
     if args.tp2 and torch.cuda.device_count() >= 2:
-        tp2 = tp2_rate(cfg, prompt, n, args.reps, args.tp2_variants.split(","))
+        tp2 = tp2_rate(cfg, prompt, n, args.reps, args.tp2_variants.split(","), args.profile)
     hf = None if args.skip_hf else hf_rate(cfg, prompt, n, 2)
     gpu = torch.cuda.get_device_name(0)
     report("engine.gpu.decode_bs1_roofline", "fraction", bs1 / roofline, None, 0.7, engine_tok_s=round(bs1, 1),
-           roofline_tok_s=round(roofline, 1), copy_bandwidth_gb_s=round(bw / 1e9, 1),
+           engine_no_overlap_tok_s=round(bs1_sync, 1), roofline_tok_s=round(roofline, 1), copy_bandwidth_gb_s=round(bw / 1e9, 1),
            bytes_per_token=int(weight_read + kv_read), new_tokens=n, prompt_tokens=plen, gpu=gpu)
     report("engine.gpu.decode_bs1_vs_hf", "ratio", bs1 / hf if hf else 0.0, None, 3.0, engine_tok_s=round(bs1, 1),
            hf_bf16_tok_s=None if hf is None else round(hf, 1), gpu=gpu)

@@ -38,6 +38,8 @@ class EngineConfig:
                                             # (NVLink peer loads) for small tensors instead of NCCL
     plan_channel: str = "auto"              # step plans to follower ranks: "shm" (shared memory, ranks on
                                             # one host), "gloo", or "auto" (shm for CUDA local groups)
+    overlap_decode: str = "auto"            # greedy decode steps: enqueue step N+1 before step N's tokens
+                                            # reach the host ("on", "off", "auto": on for CUDA)
     keep_fp8: bool = False                  # FP8 block-scaled checkpoints (DeepSeek): weights stay FP8
                                             # and run FP8 tensor-core matmuls (CUDA sm90: H100/H200)
 
@@ -53,6 +55,7 @@ class EngineConfig:
         check(self.prefill_chunk is None or self.prefill_chunk >= 1, "prefill_chunk must be >= 1")
         check(self.load_format in ("safetensors", "dummy"), "load_format must be 'safetensors' or 'dummy'")
         check(self.plan_channel in ("auto", "shm", "gloo"), "plan_channel must be 'auto', 'shm' or 'gloo'")
+        check(self.overlap_decode in ("auto", "on", "off"), "overlap_decode must be 'auto', 'on' or 'off'")
 
 
 @dataclass(frozen=True)

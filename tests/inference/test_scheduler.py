@@ -141,3 +141,25 @@ def test_long_prefill_threshold_keeps_short_prompts_whole():
     s.add(seq(1, 20))                      # short (<= 24): whole in its first step
     plan, _ = run_step(s)
     assert [len(c.token_ids) for c in plan.chunks] == [8, 20]
+
+
+def test_lookahead_schedules_the_next_decode_before_tokens_are_known():
+    from services.inference.engine.scheduler import PENDING_TOKEN
+
+    s = Scheduler(BlockManager(num_blocks=8, block_size=4), max_num_seqs=4, max_num_batched_tokens=64)
+    a, b = seq(0, 3, max_new=5), seq(1, 3, max_new=2)
+    s.add(a)
+    s.add(b)
+    run_step(s)                                   # prefill both: one token each
+    plan = s.schedule()                           # decode a (pos 3) and b (pos 3)
+    assert plan.num_decode == 2
+    nxt = s.lookahead(plan)                       # b's token of `plan` is its 2nd and last: left out
+    assert [c.seq_id for c in nxt.chunks] == [0] and nxt.prev_rows == (0,) and nxt.device_greedy
+    c = nxt.chunks[0]
+    assert c.token_ids == (PENDING_TOKEN,) and c.start_pos == 4 and len(c.block_table) == 2   # pos 4: 2nd block
+    done = s.update(plan, {0: 7, 1: 7})
+    assert [r[2] for r in done] == [None, FinishReason.LENGTH]
+    s.update(nxt, {0: 8})
+    assert a.tokens[-2:] == [7, 8] and a.num_computed == 5
+    s.add(seq(2, 3))                              # someone waiting: no lookahead (admission first)
+    assert s.lookahead(s.schedule()) is None

@@ -55,14 +55,17 @@ class Comm:
             self.all_reduce_path = try_enable(self, dtype)
         return self.all_reduce_path
 
+    logits_everywhere = False       # gather_cat assembles on every rank (the runner's device argmax)
+
     def gather_cat(self, t: torch.Tensor) -> torch.Tensor | None:
-        """Concatenate equal-shaped [N, P] shards along dim -1 on rank 0 (None elsewhere)."""
+        """Concatenate equal-shaped [N, P] shards along dim -1 on rank 0 (None elsewhere, unless
+        logits_everywhere: it is an all-gather either way, the concatenation is the only extra)."""
         if self.size == 1:
             return t
         t = t.contiguous()
         outs = [torch.empty_like(t) for _ in range(self.size)]
         self.pg.allgather([outs], [t]).wait()
-        return torch.cat(outs, dim=-1) if self.rank == 0 else None
+        return torch.cat(outs, dim=-1) if self.rank == 0 or self.logits_everywhere else None
 
     HEADER = 16384                  # bytes of a plan sent in the first (usually only) broadcast
 

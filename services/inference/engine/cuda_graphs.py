@@ -59,8 +59,9 @@ class DecodeGraphs:
     def can_run(self, plan: StepPlan) -> bool:
         return plan.num_decode == len(plan.chunks) > 0 and plan.num_decode <= BATCH_BUCKETS[-1]
 
-    def run(self, plan: StepPlan) -> torch.Tensor:
-        """Logits [B, V] (rank 0) for a pure-decode plan."""
+    def run(self, plan: StepPlan, last_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, V] (rank 0, or every rank with comm.logits_everywhere) for a pure-decode plan;
+        with plan.prev_rows the input tokens are taken from last_ids [S] on the device."""
         chunks = plan.chunks
         b = len(chunks)
         bp = next(x for x in BATCH_BUCKETS if x >= b)
@@ -72,6 +73,14 @@ class DecodeGraphs:
             self._fill(st, chunks, bp, lctx)
             self._capture(st)
         self._fill(st, chunks, bp, lctx)
+        if plan.prev_rows is not None:
+            if plan.prev_rows == tuple(range(b)):
+                st.inp[:b].copy_(last_ids[:b])
+            else:
+                rows = torch.tensor(plan.prev_rows, dtype=torch.int64)
+                if st.inp.is_cuda:
+                    rows = rows.pin_memory().to(st.inp.device, non_blocking=True)
+                st.inp[:b].copy_(last_ids[rows])
         if st.graph is not None:
             st.graph.replay()
             logits = st.logits
@@ -110,4 +119,7 @@ class DecodeGraphs:
             bt = list(c.block_table[:nblk])
             vals += bt + [-1] * (nblk - len(bt))
         vals += [-1] * (nblk * pad)
-        st.inp.copy_(torch.tensor(vals, dtype=torch.int64), non_blocking=st.inp.is_cuda)
+        host = torch.tensor(vals, dtype=torch.int64)
+        if st.inp.is_cuda:      # pinned: the copy is queued behind the running step, the host goes on
+            host = host.pin_memory()    # (the caching host allocator keeps it until the copy is done)
+        st.inp.copy_(host, non_blocking=st.inp.is_cuda)

@@ -5,6 +5,7 @@ at a time and calls each request's on_event from that thread.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import threading
@@ -72,6 +73,8 @@ class LLMEngine:
         self._error = ""
         self._stopping = False
         self._stats = EngineStats()
+        self._overlap = config.overlap_decode == "on" or (config.overlap_decode == "auto" and config.device == "cuda")
+        self._pending = None        # (plan, token handle, t0): a launched greedy step not yet applied
         self._thread = thread or ComputeThread()
         self._thread.run_last(self._loop)
 
@@ -268,8 +271,18 @@ class LLMEngine:
                     log.exception("could not stop follower ranks")
 
     def _step(self) -> None:
+        """One scheduling round. Greedy pure-decode steps overlap (overlap_decode): the next step
+        is enqueued before this one's tokens are read, so the device never waits for the host."""
         sched = self.scheduler
         t0 = time.perf_counter()
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            plan, handle, t_launch = pending
+            nxt = None if self._inbox else sched.lookahead(plan)
+            if nxt is not None:
+                self._pending = (nxt, self.runner.launch(nxt), time.perf_counter())
+            self._apply(plan, dict(zip((c.seq_id for c in plan.chunks), handle.tokens())), t_launch)
+            return
         plan = sched.schedule()
         if not plan.chunks:
             time.sleep(0.001)
@@ -277,6 +290,11 @@ class LLMEngine:
         for c in plan.chunks:          # first prefill chunk: tell the consumer queueing is over
             if c.start_pos == 0:
                 self._emit(sched.by_id[c.seq_id].request_id, (), None)
+        if self._overlap and plan.num_decode == len(plan.chunks) \
+                and all(sched.by_id[c.seq_id].sampling.temperature <= 0 for c in plan.chunks):
+            plan = dataclasses.replace(plan, device_greedy=True)
+            self._pending = (plan, self.runner.launch(plan), t0)
+            return
         logits = self.runner.step(plan)
         sampled: dict[int, int] = {}
         rows = [c for c in plan.chunks if c.sample]
@@ -284,7 +302,11 @@ class LLMEngine:
             seqs = [sched.by_id[c.seq_id] for c in rows]
             toks = sample(logits, [s.sampling for s in seqs], [self._gens.get(s.seq_id) for s in seqs])
             sampled = {c.seq_id: t for c, t in zip(rows, toks)}
-        results = sched.update(plan, sampled)
+        self._apply(plan, sampled, t0)
+
+    def _apply(self, plan, sampled: dict[int, int], t0: float) -> None:
+        """A step's tokens -> scheduler, consumers, metrics."""
+        results = self.scheduler.update(plan, sampled)
         for seq, tok, reason in results:
             if reason is not None:
                 self._gens.pop(seq.seq_id, None)

@@ -17,6 +17,7 @@ from services.inference.engine.comm import Comm
 from services.inference.engine.loader import load_weights
 from services.inference.engine.models import model_class
 from services.inference.engine.scheduler import StepPlan
+from services.inference.engine.step_tokens import StepTokens
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -84,6 +85,9 @@ class ModelRunner:
             self.kv_cache = self.model.allocate_kv_cache(slots, self.dtype, self.device)
         else:
             self.kv_cache = torch.zeros((layers, slots, *slot_shape), dtype=self.dtype, device=self.device)
+        self.last_ids: torch.Tensor | None = None    # [S] device argmax of the last device_greedy step
+        self._tokens = StepTokens(self.device) if comm.rank == 0 else None
+        comm.logits_everywhere = True                # every rank can take the argmax (device_greedy)
         self.graphs = None
         if self.device.type == "cuda" and config.compile_kernels:
             from services.inference.engine import ops
@@ -101,6 +105,13 @@ class ModelRunner:
         self.comm.broadcast_object(plan)
         return self.execute(plan)
 
+    def launch(self, plan: StepPlan):
+        """Rank 0, plan.device_greedy: broadcast and enqueue the plan without waiting for the device;
+        returns a handle whose .tokens() waits for the argmax of its sampled rows (list[int])."""
+        self.comm.broadcast_object(plan)
+        self.execute(plan)
+        return self._tokens.start(self.last_ids)
+
     def follow(self) -> None:
         """Followers: execute broadcast plans until rank 0 sends None."""
         while True:
@@ -115,18 +126,26 @@ class ModelRunner:
     # -- one forward -----------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor | None:
+        """Logits [S, V] of the rows to sample (rank 0; every rank for device_greedy plans, which
+        also leave their argmax in self.last_ids)."""
         if self.graphs is not None and self.graphs.can_run(plan):
-            logits = self.graphs.run(plan)
+            logits = self.graphs.run(plan, self.last_ids)
             publish = getattr(self.model, "publish_expert_load", None)   # replays skip Python: refresh stats
             if publish is not None:
                 publish()
-            return logits
-        ids, pos, meta, sample_rows = self._prepare(plan)
-        hidden = self.model(ids, pos, meta, self.kv_cache)              # [N, hidden]
-        if not sample_rows:
-            return None
-        rows = hidden[sample_rows] if len(sample_rows) < hidden.shape[0] else hidden
-        return self.model.compute_logits(rows)                          # [S, V] on rank 0
+        else:
+            ids, pos, meta, sample_rows = self._prepare(plan)
+            if plan.prev_rows is not None:                               # inputs still on the device
+                nd = plan.num_decode
+                ids[:nd] = self.last_ids[torch.tensor(plan.prev_rows, device=self.device)]
+            hidden = self.model(ids, pos, meta, self.kv_cache)              # [N, hidden]
+            if not sample_rows:
+                return None
+            rows = hidden[sample_rows] if len(sample_rows) < hidden.shape[0] else hidden
+            logits = self.model.compute_logits(rows)                        # [S, V]
+        if plan.device_greedy:
+            self.last_ids = logits.argmax(dim=-1)                           # [S], same on every rank
+        return logits
 
     def _prepare(self, plan: StepPlan):
         bs, dev = self.config.block_size, self.device
@@ -136,7 +155,7 @@ class ModelRunner:
         sample_rows: list[int] = []
         for c in plan.chunks:
             bt = c.block_table
-            for i, tok in enumerate(c.token_ids):
+            for i, tok in enumerate(c.token_ids):       # PENDING_TOKEN (-1): replaced in execute()
                 p = c.start_pos + i
                 ids.append(tok)
                 pos.append(p)

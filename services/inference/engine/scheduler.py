@@ -30,11 +30,21 @@ class Chunk:
     score: bool = False          # return logits for every row (teacher-forced scoring, the canary)
 
 
+PENDING_TOKEN = -1     # a decode chunk's input token that is still on the GPU (see StepPlan.prev_rows)
+
+
 @dataclass(frozen=True)
 class StepPlan:
-    """What every rank executes in one step. Decode chunks (one token each) come first."""
+    """What every rank executes in one step. Decode chunks (one token each) come first.
+
+    device_greedy: every rank takes the argmax of the sampled rows on the device and keeps it, so
+    that the next plan can be launched before these tokens reach the host (overlapped decoding).
+    prev_rows: set on such a next plan: decode chunk i's input token is row prev_rows[i] of the
+    previous step's device argmax (its token_ids hold PENDING_TOKEN)."""
     chunks: tuple[Chunk, ...]
     num_decode: int
+    device_greedy: bool = False
+    prev_rows: tuple[int, ...] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -171,6 +181,32 @@ class Scheduler:
         start = seq.num_computed
         return Chunk(seq_id=seq.seq_id, token_ids=tuple(seq.tokens[start:start + n]), start_pos=start,
                      block_table=tuple(seq.block_table), sample=start + n == len(seq.tokens))
+
+    def lookahead(self, plan: StepPlan) -> StepPlan | None:
+        """The next decode step of `plan`'s sequences, scheduled before `plan`'s tokens are known.
+
+        Only for a pure-decode plan whose tokens are still on the device, with nobody waiting for
+        admission. Sequences that `plan` finishes by length are left out (one that ends on an EOS
+        token runs one wasted row, discarded by update()); None when nothing qualifies or a block
+        is missing (the caller then schedules normally, with preemption)."""
+        if self.waiting or plan.num_decode != len(plan.chunks):
+            return None
+        chunks, rows = [], []
+        for i, c in enumerate(plan.chunks):
+            seq = self.by_id.get(c.seq_id)
+            if seq is None or seq.status != SeqStatus.RUNNING or seq.num_computed != c.start_pos:
+                continue                                   # cancelled meanwhile
+            if seq.num_output + 1 >= seq.sampling.max_new_tokens or len(seq.tokens) + 1 >= seq.max_len:
+                continue                                   # plan's token is its last
+            pos = c.start_pos + 1
+            if not self.bm.can_allocate(seq, pos + 1):
+                return None
+            self.bm.allocate(seq, pos + 1)
+            chunks.append(Chunk(seq.seq_id, (PENDING_TOKEN,), pos, tuple(seq.block_table), True))
+            rows.append(i)
+        if not chunks:
+            return None
+        return StepPlan(tuple(chunks), len(chunks), device_greedy=True, prev_rows=tuple(rows))
 
     def update(self, plan: StepPlan, sampled: dict[int, int]) -> list[tuple[Sequence, int | None, FinishReason | None]]:
         """Apply a step's results. Returns (seq, new token or None, finish reason or None) for every
