@@ -24,7 +24,10 @@ triton = None        # set by _kernels()
 tl = None
 round_to = None
 
+# Tunables of paged_decode_attention, read at each call (bench/triton_ops_gpu.py sweeps them on a GPU).
 BLOCK_N = 64         # context positions per tile (one tl.dot)
+NUM_WARPS = 4
+NUM_STAGES = 3       # cp.async pipelining of the K/V tile loads
 MIN_PARTITION = 128  # fewest context positions per flash-decoding partition
 MAX_PARTITIONS = 64  # the merge kernel holds [partitions, D] fp32 partials in registers
 
@@ -99,7 +102,7 @@ def _kernels():
                            s_qb, s_qh, s_ch, s_cs, s_tb, s_ob, n_parts,
                            HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                            D: tl.constexpr, BS: tl.constexpr, BLOCK: tl.constexpr,
-                           SINGLE: tl.constexpr, F32DOT: tl.constexpr):
+                           SINGLE: tl.constexpr, F32DOT: tl.constexpr, ROUND: tl.constexpr):
         # One program per (sequence, kv head, partition): all G query heads of the kv head (padded
         # to GP >= 16 rows for tl.dot) against positions [part * P, min((part + 1) * P, len)).
         b = tl.program_id(0).to(tl.int64)
@@ -135,14 +138,14 @@ def _kernels():
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + slot[:, None] * s_cs + dd[None, :], mask=valid[:, None], other=0.0)
             if F32DOT:
-                pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
+                pv = tl.dot(round_to(p, ROUND), v.to(tl.float32), input_precision="ieee")
             else:
                 pv = tl.dot(p.to(v.dtype), v)                                  # [GP, D]
             acc = acc * alpha[:, None] + pv
             m_i = m_new
         if SINGLE:
-            o = acc / l_i[:, None]
-            tl.store(out + b * s_ob + qh[:, None] * D + dd[None, :], o.to(out.dtype.element_ty), mask=gmask[:, None])
+            o = round_to(acc / l_i[:, None], ROUND).to(out.dtype.element_ty)
+            tl.store(out + b * s_ob + qh[:, None] * D + dd[None, :], o, mask=gmask[:, None])
         else:
             row = (b * HQ + qh) * n_parts + part                               # [GP] into [B, Hq, NP]
             tl.store(m_buf + row, m_i, mask=gmask)
@@ -151,7 +154,7 @@ def _kernels():
 
     @triton.jit
     def merge_kernel(m_buf, l_buf, acc_buf, out, s_ob, n_parts,
-                     HQ: tl.constexpr, D: tl.constexpr, NPP: tl.constexpr):
+                     HQ: tl.constexpr, D: tl.constexpr, NPP: tl.constexpr, ROUND: tl.constexpr):
         # One program per (sequence, query head): rescale each partition's partial sums to the
         # global max (log2 domain) and normalise. Empty partitions carry m = -inf, l = 0, acc = 0.
         b = tl.program_id(0).to(tl.int64)
@@ -166,7 +169,7 @@ def _kernels():
         w = tl.where(im, w, 0.0)
         acc = tl.load(acc_buf + row[:, None] * D + dd[None, :], mask=im[:, None], other=0.0)
         o = tl.sum(acc * w[:, None], 0) / tl.sum(w * l, 0)
-        tl.store(out + b * s_ob + h * D + dd, o.to(out.dtype.element_ty))
+        tl.store(out + b * s_ob + h * D + dd, round_to(o, ROUND).to(out.dtype.element_ty))
 
     interpreted = type(rope_kv_write_kernel).__name__ == "InterpretedFunction"
     return rope_kv_write_kernel, decode_attn_kernel, merge_kernel, interpreted
@@ -191,8 +194,13 @@ def rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_
     kern[(n, hq + 2 * hkv)](qkv, cos, sin, slot_mapping, cache, q,
                             qkv.stride(0), cos.stride(0), sin.stride(0), cache.stride(0), cache.stride(1),
                             q.stride(0), q.stride(1), HQ=hq, HKV=hkv, D=d,
-                            ROUND={torch.bfloat16: 1, torch.float16: 2}.get(qkv.dtype, 0))
+                            ROUND=_round_mode(qkv.dtype), enable_fp_fusion=False)   # no FMA: eager's rounding
     return q
+
+
+def _round_mode(dtype: torch.dtype) -> int:
+    """round_to's mode for a model dtype: 0 fp32 (none), 1 bf16, 2 fp16."""
+    return {torch.bfloat16: 1, torch.float16: 2}.get(dtype, 0)
 
 
 @functools.cache
@@ -207,7 +215,7 @@ def partition_size(max_ctx: int, b: int, hkv: int, device: torch.device) -> int:
     """Context positions per program: a power of two (>= MIN_PARTITION) that gives about
     _target_programs programs over (B, Hkv, partitions), at most MAX_PARTITIONS partitions."""
     want = max(1, -(-_target_programs(device) // (b * hkv)))
-    p = MIN_PARTITION
+    p = max(MIN_PARTITION, BLOCK_N)
     while -(-max_ctx // p) > want and p < max_ctx or -(-max_ctx // p) > MAX_PARTITIONS:
         p *= 2
     return p
@@ -224,6 +232,7 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_table: to
     it can be captured in a CUDA graph. part_size (a multiple of 64) overrides the partition size."""
     b, hq, d = q.shape
     hkv = cache.shape[0] // 2
+    assert q.dtype in (torch.bfloat16, torch.float16, torch.float32) and cache.dtype == q.dtype
     assert hq % hkv == 0 and cache.shape[2] == d and cache.stride(2) == 1 and q.stride(2) == 1
     assert d & (d - 1) == 0 and d >= 16, "head_dim must be a power of two"
     assert block_table.dim() == 2 and block_table.shape[0] == b and block_table.stride(1) == 1
@@ -234,8 +243,9 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_table: to
     if b == 0:
         return out
     max_ctx = block_table.shape[1] * block_size
+    block_n = BLOCK_N
     p = part_size or partition_size(max_ctx, b, hkv, q.device)
-    assert p % BLOCK_N == 0, "part_size must be a multiple of BLOCK_N"
+    assert p % block_n == 0, "part_size must be a multiple of BLOCK_N"
     n_parts = -(-max_ctx // p)
     _, attn, merge, interpreted = _kernels()
     single = n_parts == 1
@@ -250,11 +260,12 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_table: to
                             q.stride(0), q.stride(1), cache.stride(0), cache.stride(1),
                             block_table.stride(0), out.stride(0), n_parts,
                             HQ=hq, HKV=hkv, G=g, GP=max(16, triton.next_power_of_2(g)), D=d, BS=block_size,
-                            BLOCK=BLOCK_N, SINGLE=single,
-                            F32DOT=q.dtype == torch.float32 or interpreted)
+                            BLOCK=block_n, SINGLE=single,
+                            F32DOT=q.dtype == torch.float32 or interpreted, ROUND=_round_mode(q.dtype),
+                            num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     if not single:
         merge[(b, hq)](m_buf, l_buf, acc_buf, out, out.stride(0), n_parts,
-                       HQ=hq, D=d, NPP=triton.next_power_of_2(n_parts))
+                       HQ=hq, D=d, NPP=triton.next_power_of_2(n_parts), ROUND=_round_mode(q.dtype))
     return out
 
 
