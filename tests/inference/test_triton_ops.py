@@ -93,7 +93,39 @@ def _attn_case(dtype, hq, hkv, d, lens, block_size, part_size, nslots_blocks=64)
             "shape": list(out.shape), "dtype": str(out.dtype), "n_parts": n_parts}
 
 
+def _engine_padded_case():
+    """The CUDA-graph buffers as the engine fills them (cuda_graphs._Static: int64 lengths and a -1
+    padded block table, views of one input buffer), with a padding row (length 1, no blocks)."""
+    import torch
+    from services.inference.engine import triton_ops as T
+    from services.inference.engine.cuda_graphs import _Static
+
+    g = torch.Generator().manual_seed(3)
+    hq, hkv, d, bs, lens = 8, 2, 64, 16, [70, 1, 33]
+    b = len(lens) + 1                                                       # + one padding row
+    st = _Static(b, 96, bs, scratch=0, device="cpu")
+    cache = torch.randn(2 * hkv, 32 * bs, d, generator=g)
+    cache[:, 0] = float("nan")                                              # the scratch slot
+    table = torch.full((b, st.nblk), -1, dtype=torch.int64)
+    table[0, :5] = torch.tensor([9, 3, 12, 1, 20])
+    table[1, 0] = 7
+    table[2, :3] = torch.tensor([30, 2, 15])
+    st.inp[3 * b:4 * b] = torch.tensor(lens + [1])
+    st.inp[4 * b:] = table.reshape(-1)
+    _, _, meta = st.meta_and_inputs()
+    lens_v = st.inp[:4 * b].view(4, b)[3]                                   # int64 view
+    table_v = st.inp[4 * b:].view(b, st.nblk)
+    q = torch.randn(b, hq, d, generator=g)
+    res = {}
+    for ps in (64, None):
+        out = T.paged_decode_attention(q, cache, table_v, lens_v, d ** -0.5, bs, part_size=ps)
+        ref = T.paged_decode_attention_torch(q[:3], cache, table[:3], lens_v[:3], d ** -0.5, bs)
+        res[str(ps)] = {"err": (out[:3] - ref).abs().max().item(), "pad_row_zero": bool((out[3] == 0).all())}
+    return res
+
+
 CASES = {
+    "attn_engine_padded": _engine_padded_case,
     "rope_fp32_d64": lambda: _rope_case("float32", 8, 2, 64),
     "rope_fp32_d128": lambda: _rope_case("float32", 4, 1, 128, n=3),
     "rope_bf16_d128": lambda: _rope_case("bfloat16", 8, 2, 128),
@@ -202,6 +234,13 @@ def test_paged_decode_attention_fp32(results, name):
     assert r["err_vs_fp32"] < 1e-5 and r["err_vs_engine"] < 1e-5
     assert r["out_buffer_used"]
     assert r["dtype"] == "torch.float32"
+
+
+def test_paged_decode_attention_engine_buffers_with_padding_row(results):
+    r = _case(results, "attn_engine_padded")
+    for ps in ("64", "None"):                    # two partitions + merge, and one partition
+        assert r[ps]["err"] < 1e-5               # the NaN scratch slot never leaks into real rows
+        assert r[ps]["pad_row_zero"]             # the padding row (no blocks) is 0, finite
 
 
 def test_paged_decode_attention_partitions(results):

@@ -124,7 +124,8 @@ def _kernels():
         for start in range(p_start, p_end, BLOCK):
             pos = start + tl.arange(0, BLOCK)                                  # [BLOCK]
             valid = pos < p_end
-            blk = tl.load(table + b * s_tb + pos // BS, mask=valid, other=0)
+            blk = tl.load(table + b * s_tb + pos // BS, mask=valid, other=-1)
+            valid = valid & (blk >= 0)                 # no block (e.g. a CUDA-graph padding row): skipped
             slot = blk.to(tl.int64) * BS + pos % BS
             k = tl.load(k_base + slot[:, None] * s_cs + dd[None, :], mask=valid[:, None], other=0.0)
             if F32DOT:   # fp32 cache, or the interpreter (its tl.dot multiplies bf16 bit patterns)
@@ -133,8 +134,9 @@ def _kernels():
                 s = tl.dot(qv, tl.trans(k))                                    # [GP, BLOCK]
             s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)       # no valid position yet: no NaN
+            alpha = tl.exp2(m_i - m_ref)
+            p = tl.exp2(s - m_ref[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + slot[:, None] * s_cs + dd[None, :], mask=valid[:, None], other=0.0)
             if F32DOT:
@@ -144,7 +146,8 @@ def _kernels():
             acc = acc * alpha[:, None] + pv
             m_i = m_new
         if SINGLE:
-            o = round_to(acc / l_i[:, None], ROUND).to(out.dtype.element_ty)
+            o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]                    # a row with nothing: 0
+            o = round_to(o, ROUND).to(out.dtype.element_ty)
             tl.store(out + b * s_ob + qh[:, None] * D + dd[None, :], o, mask=gmask[:, None])
         else:
             row = (b * HQ + qh) * n_parts + part                               # [GP] into [B, Hq, NP]
@@ -165,10 +168,12 @@ def _kernels():
         row = (b * HQ + h) * n_parts + i
         m = tl.load(m_buf + row, mask=im, other=float("-inf"))
         l = tl.load(l_buf + row, mask=im, other=0.0)
-        w = tl.exp2(m - tl.max(m, 0))                                          # [NPP]
+        m_max = tl.max(m, 0)
+        w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))         # [NPP]
         w = tl.where(im, w, 0.0)
         acc = tl.load(acc_buf + row[:, None] * D + dd[None, :], mask=im[:, None], other=0.0)
-        o = tl.sum(acc * w[:, None], 0) / tl.sum(w * l, 0)
+        denom = tl.sum(w * l, 0)
+        o = tl.sum(acc * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)     # a row with nothing: 0
         tl.store(out + b * s_ob + h * D + dd, round_to(o, ROUND).to(out.dtype.element_ty))
 
     interpreted = type(rope_kv_write_kernel).__name__ == "InterpretedFunction"
@@ -225,8 +230,9 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_table: to
                            context_lens: torch.Tensor, scale: float, block_size: int,
                            out: torch.Tensor | None = None, part_size: int | None = None) -> torch.Tensor:
     """q: [B, Hq, D] (one query per sequence, its KV already cached), cache: [2 Hkv, slots, D],
-    block_table: [B, nblk] int (entries past a sequence's length never read), context_lens: [B]
-    (>= 1) -> out [B, Hq * D] in q.dtype: softmax(q K^T * scale) V over positions 0..len-1.
+    block_table: [B, nblk] int (entries past a sequence's length never read; negative ones, such as
+    the -1 of cuda_graphs' padding rows, are skipped: a row with no block gives 0), context_lens: [B]
+    int (>= 1) -> out [B, Hq * D] in q.dtype: softmax(q K^T * scale) V over positions 0..len-1.
 
     fp32 accumulation, online softmax. The launch grid depends on shapes only (B, Hkv, nblk), so
     it can be captured in a CUDA graph. part_size (a multiple of 64) overrides the partition size."""
