@@ -8,8 +8,9 @@ decode_attention fed by the CUDA-graph metadata (cuda_graphs._Static.meta_and_in
 rope_kv_write vs ops.rope + cat + index_copy_, for Llama-3.1-8B per-rank shapes (Hq/Hkv 32/8 and
 16/4, D 128, block 16; batch 1, 8, 64; context 200, 1000, 4000), bf16 and fp32. Timings: one CUDA
 graph of 32 calls, each call on a different layer's cache (as in a model, so the KV is not L2
-resident), in us per call; kernel vs the torch path it replaces. A failing case prints {"error"}
-and the run goes on.
+resident), in us per call; kernel vs the torch path it replaces, plus partition-size and tile
+sweeps at batch 1 and 64, context 4000. A failing case prints {"error"} and the run goes on; the
+last line counts failed checks and exceptions (exit status 1 if any).
 """
 from __future__ import annotations
 
@@ -85,13 +86,14 @@ class AttnCase:
         self.lens = torch.tensor(lens, dtype=torch.int32, device=device)     # [B]
         shape = (2 * hkv, nblocks * bs, d)
         layers = n_layers(2 * hkv * nblocks * bs * d * dtype.itemsize) if timing else 1
-        self.caches = [torch.randn(shape, generator=g).to(device=device, dtype=dtype) for _ in range(layers)]
-        self.q = torch.randn(b, hq, d, generator=g).to(device=device, dtype=dtype)   # [B, Hq, D]
+        gd = torch.Generator(device=device).manual_seed(b * 31 + ctx)      # big tensors made on the device
+        self.caches = [torch.randn(shape, generator=gd, device=device).to(dtype) for _ in range(layers)]
+        self.q = torch.randn(b, hq, d, generator=gd, device=device).to(dtype)  # [B, Hq, D]
         self.out = torch.empty(b, hq * d, device=device, dtype=dtype)
         self.scale, self.bs, self.hq, self.d = d ** -0.5, bs, hq, d
 
 
-def check_attn(c: AttnCase, tag: dict) -> None:
+def check_attn(c: AttnCase, tag: dict) -> bool:
     import torch
     from services.inference.engine import triton_ops as T
     from services.inference.engine.attention import decode_attention
@@ -104,9 +106,34 @@ def check_attn(c: AttnCase, tag: dict) -> None:
     err = (out.float() - ref.float()).abs().max().item()
     err_eng = (eng.float() - ref.float()).abs().max().item()
     tol = 1e-4 if c.q.dtype == torch.float32 else 2e-2
+    graph_ok = graph_replay_matches(c) if cache.is_cuda else None
+    ok = bool(torch.isfinite(out).all()) and err <= max(tol, 2 * err_eng) and graph_ok is not False
     emit(check="paged_decode_attention", **tag, err_vs_fp32=err, engine_err_vs_fp32=err_eng,
          err_vs_engine=(out.float() - eng.float()).abs().max().item(), finite=bool(torch.isfinite(out).all()),
-         ok=bool(torch.isfinite(out).all()) and err <= max(tol, 2 * err_eng))
+         graph_replay_equal=graph_ok, ok=ok)
+    return ok
+
+
+def graph_replay_matches(c: AttnCase) -> bool:
+    """Capture one call, change the lengths in place on the device, replay: equal to an eager call
+    with the new lengths (nothing about the lengths was baked in at capture)."""
+    import torch
+    from services.inference.engine import triton_ops as T
+
+    cache, lens0 = c.caches[0], c.lens.clone()
+    T.paged_decode_attention(c.q, cache, c.table, c.lens, c.scale, c.bs, out=c.out)      # compiled
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        T.paged_decode_attention(c.q, cache, c.table, c.lens, c.scale, c.bs, out=c.out)
+    try:
+        c.lens.copy_((lens0 - 37).clamp(min=1))
+        g.replay()
+        torch.cuda.synchronize()
+        eager = T.paged_decode_attention(c.q, cache, c.table, c.lens, c.scale, c.bs)
+        return bool(torch.equal(c.out, eager))
+    finally:
+        c.lens.copy_(lens0)
 
 
 def time_attn(c: AttnCase, tag: dict, sweep: bool) -> None:
@@ -141,7 +168,7 @@ def time_attn(c: AttnCase, tag: dict, sweep: bool) -> None:
         emit(timing="paged_decode_attention.tile_sweep", **tag, us_by_config=res)
 
 
-def rope_case(dtype, hq, hkv, d, b, device, timing: bool, compiled: bool, tag: dict) -> None:
+def rope_case(dtype, hq, hkv, d, b, device, timing: bool, compiled: bool, tag: dict) -> bool:
     import torch
     from services.inference.engine import ops
     from services.inference.engine import triton_ops as T
@@ -163,10 +190,11 @@ def rope_case(dtype, hq, hkv, d, b, device, timing: bool, compiled: bool, tag: d
     ref_q = T.rope_kv_write_torch(qkv, cos, sin, slots, ref_cache, hq, hkv, d)
     q_err = (q.float() - ref_q.float()).abs().max().item()
     c_err = (caches[0].float() - ref_cache.float()).abs().max().item()
-    emit(check="rope_kv_write", **tag, q_err=q_err, cache_err=c_err,
-         ok=q_err <= (1e-6 if dtype == torch.float32 else 1e-2) and c_err <= (1e-6 if dtype == torch.float32 else 1e-2))
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    ok = q_err <= tol and c_err <= tol
+    emit(check="rope_kv_write", **tag, q_err=q_err, cache_err=c_err, ok=ok)
     if not timing:
-        return
+        return ok
     tri = graph_us([lambda cc=cc: T.rope_kv_write(qkv, cos, sin, slots, cc, hq, hkv, d) for cc in caches], device)
     eager = graph_us([lambda cc=cc: T.rope_kv_write_torch(qkv, cos, sin, slots, cc, hq, hkv, d) for cc in caches], device)
     comp = None
@@ -181,6 +209,7 @@ def rope_case(dtype, hq, hkv, d, b, device, timing: bool, compiled: bool, tag: d
             ops.disable_compile()
     emit(timing="rope_kv_write", **tag, triton_us=tri, torch_eager_us=eager, torch_compiled_rope_us=comp,
          speedup_vs_compiled=round(comp / tri, 2) if tri and comp else None)
+    return ok
 
 
 def main(argv=None) -> int:
@@ -214,16 +243,17 @@ def main(argv=None) -> int:
             for b in batches:
                 tag = dict(dtype=str(dtype).removeprefix("torch."), hq=hq, hkv=hkv, d=d, batch=b)
                 try:
-                    rope_case(dtype, hq, hkv, d, b, device, timing and dtype == torch.bfloat16 or args.smoke,
-                              compiled=not args.smoke, tag=tag)
+                    failures += not rope_case(dtype, hq, hkv, d, b, device,
+                                              timing and dtype == torch.bfloat16 or args.smoke,
+                                              compiled=not args.smoke, tag=tag)
                 except Exception as e:  # noqa: BLE001
                     failures += 1
                     emit(error=repr(e), case="rope_kv_write", **tag, trace=traceback.format_exc()[-1500:])
                 for ctx in ctxs:
                     t = dict(tag, ctx=ctx, block_size=16)
                     try:
-                        c = AttnCase(dtype, hq, hkv, d, b, ctx, 16, device, timing)
-                        check_attn(c, t)
+                        c = AttnCase(dtype, hq, hkv, d, b, ctx, 16, device, timing and dtype == torch.bfloat16)
+                        failures += not check_attn(c, t)
                         if timing and dtype == torch.bfloat16 or args.smoke:
                             time_attn(c, t, sweep=b in (1, 64) and hq == 32 and ctx == 4000 or args.smoke and b == 1)
                         del c
@@ -232,8 +262,8 @@ def main(argv=None) -> int:
                         emit(error=repr(e), case="paged_decode_attention", **t, trace=traceback.format_exc()[-1500:])
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
-    emit(done=True, failures=failures)
-    return 0
+    emit(done=True, failures=failures)          # failed checks + exceptions
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
