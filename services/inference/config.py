@@ -33,9 +33,14 @@ class EngineConfig:
     cuda_graphs: bool = True                # CUDA only: replay captured graphs for pure-decode steps
     cuda_graphs_tp: bool = True             # CUDA graphs also at tp > 1 (all-reduces inside the graph)
     compile_kernels: bool = True            # CUDA only: torch.compile the small fused blocks (engine/ops.py)
+    decode_kernels: str = "auto"            # attention of pure-decode graph steps: "triton" (triton_ops:
+                                            # RoPE + KV write, paged attention), "torch", "auto" (triton on
+                                            # CUDA if it imports and the model supports it)
     cpu_fused_decode: bool = True           # CPU, tp = 1: batch-1 decode steps in one C++ call (same ops)
     custom_all_reduce: bool = True          # CUDA, tp > 1: one-shot all-reduce over symmetric memory
                                             # (NVLink peer loads) for small tensors instead of NCCL
+    fused_all_reduce_norm: bool = True      # with custom_all_reduce: the all-reduce after attention and
+                                            # after the MLP fused with the residual add + RMSNorm (Triton)
     plan_channel: str = "auto"              # step plans to follower ranks: "shm" (shared memory, ranks on
                                             # one host), "gloo", or "auto" (shm for CUDA local groups)
     overlap_decode: str = "auto"            # greedy decode steps: enqueue step N+1 before step N's tokens
@@ -55,6 +60,7 @@ class EngineConfig:
         check(self.prefill_chunk is None or self.prefill_chunk >= 1, "prefill_chunk must be >= 1")
         check(self.load_format in ("safetensors", "dummy"), "load_format must be 'safetensors' or 'dummy'")
         check(self.plan_channel in ("auto", "shm", "gloo"), "plan_channel must be 'auto', 'shm' or 'gloo'")
+        check(self.decode_kernels in ("auto", "triton", "torch"), "decode_kernels must be 'auto', 'triton' or 'torch'")
         check(self.overlap_decode in ("auto", "on", "off"), "overlap_decode must be 'auto', 'on' or 'off'")
 
 

@@ -41,6 +41,8 @@ class AttnMetadata:
                                                    # a zero block) as rows of the layer cache viewed
                                                    # [2 Hkv * blocks, bs * D]: a block-granular dim-0 gather
                                                    # (16x fewer index ops than slots, ~35% faster than dim 1)
+    decode_table: torch.Tensor | None = None   # [B, nblk] block table, [B] lengths: set when the decode
+    decode_lens: torch.Tensor | None = None    # kernels run (triton_ops; pure-decode graph steps)
     prefills: list[PrefillMeta] = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # per-step tensors a model wants to share across layers
 

@@ -47,12 +47,13 @@ class Comm:
             self.pg.allreduce([t]).wait()
         return t
 
-    def enable_custom_all_reduce(self, dtype: torch.dtype) -> str:
-        """CUDA, size > 1: one-shot all-reduce for small tensors (symm_all_reduce.py). Collective."""
+    def enable_custom_all_reduce(self, dtype: torch.dtype, fuse_norm: bool = True) -> str:
+        """CUDA, size > 1: one-shot all-reduce for small tensors (symm_all_reduce.py), and with
+        fuse_norm the all-reduce + residual add + RMSNorm kernel (fused_all_reduce.py). Collective."""
         if self.size > 1 and self.device.type == "cuda":
             from services.inference.engine.symm_all_reduce import try_enable
 
-            self.all_reduce_path = try_enable(self, dtype)
+            self.all_reduce_path = try_enable(self, dtype, fuse_norm=fuse_norm)
         return self.all_reduce_path
 
     logits_everywhere = False       # gather_cat assembles on every rank (the runner's device argmax)

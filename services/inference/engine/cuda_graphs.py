@@ -24,12 +24,13 @@ class _Static:
     [ids B | positions B | own slot B | context length B | block table B * nblk (-1 = none)].
     Context slots and the mask are computed inside the graph from the block table."""
 
-    def __init__(self, b: int, lctx: int, block_size: int, scratch: int, device):
+    def __init__(self, b: int, lctx: int, block_size: int, scratch: int, device, kernels: bool = False):
         self.b, self.lctx, self.nblk = b, lctx, lctx // block_size + 1
         self.inp = torch.zeros(4 * b + b * self.nblk, dtype=torch.int64, device=device)
         p = torch.arange(lctx, device=device)
         self.p, self.p_blk, self.p_off = p, p // block_size, p % block_size
         self.block_size, self.scratch = block_size, scratch
+        self.kernels = kernels           # triton_ops reads the block table itself: no slots, no mask
         self.graph = None
         self.logits = None
 
@@ -37,6 +38,9 @@ class _Static:
         b = self.b
         ids, pos, own, lens = self.inp[:4 * b].view(4, b)
         table = self.inp[4 * b:].view(b, self.nblk)                        # [B, nblk]
+        if self.kernels:
+            return ids, pos, AttnMetadata(slot_mapping=own, num_decode=b, decode_len=self.lctx,
+                                          block_size=self.block_size, decode_table=table, decode_lens=lens)
         blk = table[:, self.p_blk]                                          # [B, Lctx]
         # Padded rows (no blocks) attend to the scratch slot alone, so every row stays finite: a NaN
         # written to the scratch slot would leak into real rows through masked positions.
@@ -69,7 +73,8 @@ class DecodeGraphs:
         st = self.shapes.get((bp, lctx))
         if st is None:
             st = self.shapes[(bp, lctx)] = _Static(bp, lctx, self.runner.config.block_size,
-                                                   self.runner.scratch_slot, self.runner.device)
+                                                   self.runner.scratch_slot, self.runner.device,
+                                                   self.runner.decode_kernels)
             self._fill(st, chunks, bp, lctx)
             self._capture(st)
         self._fill(st, chunks, bp, lctx)

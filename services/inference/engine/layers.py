@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.inference.engine import ops
 from services.inference.engine.comm import Comm
 
 
@@ -171,6 +172,19 @@ class RowParallelLinear(_Linear):
         if self.bias is not None:
             y = y + self.bias
         return y
+
+    fuse_region: int | None = None       # 0 / 1: alternate between consecutive call sites (add_norm)
+
+    def add_norm(self, x, residual, norm: "RMSNorm"):
+        """(norm(residual + self(x)), residual + self(x)): on the symmetric-memory path one kernel
+        does the all-reduce, the add and the norm (fused_all_reduce.py); else ops.add_rms_norm."""
+        symm = self.comm.symm
+        if symm is not None and symm.fused and self.packed is None and self.bias is None \
+                and self.fuse_region is not None:
+            got = symm.linear_add_rms_norm(x, self.weight, residual, norm.weight, norm.eps, self.fuse_region)
+            if got is not None:
+                return got
+        return ops.add_rms_norm(self.forward(x), residual, norm.weight, norm.eps)
 
 
 class VocabParallelEmbedding(nn.Module):

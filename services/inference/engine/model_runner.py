@@ -57,7 +57,7 @@ class ModelRunner:
                 self.weight_bytes_read = load_weights(self.model, config.model)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         if config.custom_all_reduce:
-            comm.enable_custom_all_reduce(self.dtype)          # collective; CUDA tp > 1 only
+            comm.enable_custom_all_reduce(self.dtype, config.fused_all_reduce_norm)   # collective; CUDA tp > 1
         if self.device.type == "cpu" and self.dtype == torch.bfloat16:
             from services.inference.engine.layers import prepack_cpu
 
@@ -88,6 +88,7 @@ class ModelRunner:
         self.last_ids: torch.Tensor | None = None    # [S] device argmax of the last device_greedy step
         self._tokens = StepTokens(self.device) if comm.rank == 0 else None
         comm.logits_everywhere = True                # every rank can take the argmax (device_greedy)
+        self.decode_kernels = self._decode_kernels(config, cls)
         self.graphs = None
         if self.device.type == "cuda" and config.compile_kernels:
             from services.inference.engine import ops
@@ -98,6 +99,18 @@ class ModelRunner:
             from services.inference.engine.cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(self)
+
+    def _decode_kernels(self, config: EngineConfig, cls) -> bool:
+        """Whether pure-decode graph steps use triton_ops (see EngineConfig.decode_kernels)."""
+        from services.inference.engine import triton_ops
+
+        if config.decode_kernels == "torch" or not getattr(cls, "supports_decode_kernels", False):
+            return False
+        if config.decode_kernels == "triton":
+            if not triton_ops.available():
+                raise ValueError("decode_kernels='triton' needs the triton package")
+            return True
+        return self.device.type == "cuda" and triton_ops.available()
 
     # -- driver / follower entry points -----------------------------------------------------
     def step(self, plan: StepPlan) -> torch.Tensor | None:

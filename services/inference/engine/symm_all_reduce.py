@@ -42,14 +42,19 @@ def _register(name: str, store, rank: int, size: int, device: torch.device, nccl
     return pg
 
 
-def _rendezvous(buf: torch.Tensor, name: str) -> None:
+def _rendezvous(buf: torch.Tensor, name: str):
     from torch.distributed import _symmetric_memory as symm
 
-    symm.rendezvous(buf, name)
+    handle = symm.rendezvous(buf, name)
     _RENDEZVOUS[0] += 1
+    return handle
 
 
 class SymmAllReduce:
+    """Buffer layout (elements of dtype): [one-shot region | fused region 0 | fused region 1 | flags]."""
+
+    fused = False                 # linear_add_rms_norm available (fused_all_reduce.py; set by try_enable)
+
     def __init__(self, comm, dtype: torch.dtype, max_bytes: int):
         from torch.distributed import _symmetric_memory as symm
 
@@ -66,10 +71,20 @@ class SymmAllReduce:
         self.name = store.get("privlm_symm_name").decode()
         # Registered over the engine's own NCCL backend (what init_process_group would do).
         self.group = _register(self.name, dist.PrefixStore(self.name, store), rank, size, comm.device, comm.pg)
-        self.dtype = dtype
+        from services.inference.engine.fused_all_reduce import MAX_ROWS, MAX_WORLD
+
+        self.dtype, self.rank = dtype, rank
         self.numel = max_bytes // dtype.itemsize
-        self.buf = symm.empty(self.numel, dtype=dtype, device=comm.device)      # [numel] flat
-        _rendezvous(self.buf, self.name)
+        flag_elems = MAX_ROWS * MAX_WORLD * 4 // dtype.itemsize
+        total = 3 * self.numel + flag_elems
+        self.buf = symm.empty(total, dtype=dtype, device=comm.device)            # [total] flat
+        handle = _rendezvous(self.buf, self.name)
+        self.flags_off = 3 * self.numel * dtype.itemsize // 4                    # in int32 elements
+        self.buf[3 * self.numel:].zero_()
+        torch.cuda.synchronize(comm.device)
+        comm.all_gather_int(0)                                                   # flags zero everywhere
+        self.ptrs = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=comm.device)    # [W]
+        self.peers = [self.buf if r == rank else handle.get_buffer(r, (total,), dtype) for r in range(size)]
 
     def fits(self, t: torch.Tensor) -> bool:
         return t.dtype == self.dtype and t.numel() <= self.numel and t.is_contiguous()
@@ -86,6 +101,23 @@ class SymmAllReduce:
         torch.ops.symm_mem.one_shot_all_reduce_out(part, "sum", self.name, out)
         return out
 
+    def linear_add_rms_norm(self, x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor,
+                            norm_w: torch.Tensor, eps: float, region: int):
+        """(rms_norm(residual + sum over ranks of x @ w.T) * norm_w, residual + sum) in one
+        all-reduce kernel (fused_all_reduce.py); x: [N, K], w: [M, K], residual: [N, M]. `region`
+        (0 or 1) must differ between consecutive call sites (the module docstring there says why).
+        None if it does not apply (the caller uses the plain path)."""
+        from services.inference.engine.fused_all_reduce import MAX_ROWS, ar_add_rms_norm
+
+        n, m = x.shape[0], w.shape[0]
+        if not self.fused or x.dim() != 2 or x.dtype != self.dtype or n > MAX_ROWS or n * m > self.numel \
+                or residual.shape != (n, m) or not residual.is_contiguous():
+            return None
+        off = (1 + region) * self.numel
+        torch.mm(x, w.t(), out=self.buf[off:off + n * m].view(n, m))
+        parts = [b[off:off + n * m].view(n, m) for b in self.peers]
+        return ar_add_rms_norm(self.ptrs, self.flags_off, parts, residual, norm_w, eps, self.rank)
+
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
         """In-place sum of t across ranks (t: any shape, contiguous, fits())."""
         flat = t.view(-1)
@@ -95,7 +127,51 @@ class SymmAllReduce:
         return t
 
 
-def try_enable(comm, dtype: torch.dtype, max_bytes: int = 1 << 20) -> str:
+def _check_fused(comm, ar: SymmAllReduce) -> str:
+    """Collective: try the fused all-reduce + add + RMSNorm against NCCL + ops.add_rms_norm on a
+    test row; sets ar.fused on every rank only if every rank got the right result."""
+    from services.inference.engine import ops
+    from services.inference.engine.fused_all_reduce import ar_add_rms_norm
+
+    ok, err = 1, ""
+    try:          # a single-rank launch first: no rank may spin on a peer that cannot launch the kernel
+        t = ar.buf[ar.numel:ar.numel + 4096].view(1, 4096)
+        ar_add_rms_norm(ar.ptrs[ar.rank:ar.rank + 1], ar.flags_off, [t], torch.zeros_like(t), t[0], 1e-5, 0)
+        torch.cuda.synchronize(comm.device)
+    except Exception as exc:  # noqa: BLE001 - no triton / no compiler: the unfused path on every rank
+        ok, err = 0, f"{type(exc).__name__}: {exc}"[:300]
+    if min(comm.all_gather_int(ok)) == 0:
+        log.warning("fused all-reduce + RMSNorm unavailable (%s); unfused one-shot path", err or "another rank failed")
+        return ""
+    try:
+        g = torch.Generator(device=comm.device).manual_seed(1234)
+        dev, dt = comm.device, ar.dtype
+        x = torch.randn((3, 256), generator=g, device=dev).to(dt)
+        w = (torch.randn((4096, 256), generator=g, device=dev) * (comm.rank + 1) / 16).to(dt)
+        res = torch.randn((3, 4096), generator=g, device=dev).to(dt)
+        nw = torch.rand(4096, generator=g, device=dev).to(dt)
+        ar.fused = True
+        got, got_res = ar.linear_add_rms_norm(x, w, res, nw, 1e-5, 0)
+        got2, _ = ar.linear_add_rms_norm(x, w, got_res, nw, 1e-5, 1)     # the other region, chained
+        y = x @ w.t()
+        comm.pg.allreduce([y]).wait()
+        ref, ref_res = ops.add_rms_norm(y, res, nw, 1e-5)
+        ref2, _ = ops.add_rms_norm(y, ref_res, nw, 1e-5)
+        torch.cuda.synchronize(dev)
+        tol = 0.02 if dt != torch.float32 else 1e-4
+        for a, b in ((got, ref), (got_res, ref_res), (got2, ref2)):
+            if not ((a.float() - b.float()).abs().max() <= tol * b.float().abs().max()):
+                ok, err = 0, "fused all-reduce result differs from NCCL + add_rms_norm"
+    except Exception as exc:  # noqa: BLE001 - reported, the unfused path is used on every rank
+        ok, err = 0, f"{type(exc).__name__}: {exc}"[:300]
+    ar.fused = min(comm.all_gather_int(ok)) == 1
+    if ar.fused:
+        return " + fused all-reduce/add/RMSNorm (Triton)"
+    log.warning("fused all-reduce + RMSNorm unavailable (%s); unfused one-shot path", err or "another rank failed")
+    return ""
+
+
+def try_enable(comm, dtype: torch.dtype, max_bytes: int = 1 << 20, fuse_norm: bool = True) -> str:
     """Collectively enable the one-shot path on comm (CUDA, size > 1); returns the path in use."""
     ok, err, ar = 1, "", None
     try:
@@ -110,6 +186,7 @@ def try_enable(comm, dtype: torch.dtype, max_bytes: int = 1 << 20) -> str:
         ok, err = 0, f"{type(exc).__name__}: {exc}"
     if min(comm.all_gather_int(ok)) == 1:
         comm.symm = ar
-        return "symmetric-memory one-shot (small tensors) + NCCL"
+        fused = _check_fused(comm, ar) if fuse_norm else ""
+        return "symmetric-memory one-shot (small tensors)" + fused + " + NCCL"
     log.warning("custom all-reduce unavailable (%s); using NCCL for every all-reduce", err or "another rank failed")
     return "NCCL (custom all-reduce unavailable: " + (err or "another rank failed") + ")"

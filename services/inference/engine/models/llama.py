@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from services.inference.engine import ops
+from services.inference.engine import ops, triton_ops
 from services.inference.engine.attention import AttnMetadata, paged_attention
 from services.inference.engine.comm import Comm
 from services.inference.engine.layers import (MergedColumnParallelLinear, ParallelLMHead,
@@ -29,16 +29,24 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * d, hidden, o_bias, comm, dtype, device,
                                         in_part=(self.qkv_proj.q_head_start * d, self.hq * d))
         self.scale = d ** -0.5
+        self.o_proj.fuse_region = 0
 
     def forward(self, x, rope: RotaryEmbedding, cos, sin, meta: AttnMetadata, cache):
+        return self.o_proj.forward(self.core(x, rope, cos, sin, meta, cache))
+
+    def core(self, x, rope: RotaryEmbedding, cos, sin, meta: AttnMetadata, cache):
+        """Attention output before o_proj: [N, Hq_local * D]."""
         n, d = x.shape[0], self.head_dim
         qkv = self.qkv_proj.forward(x)                                  # [N, (Hq + 2 Hkv) * D]
+        if meta.decode_table is not None:                # pure decode, kernels: 2 launches, no gather
+            q = triton_ops.rope_kv_write(qkv, cos, sin, meta.slot_mapping, cache, self.hq, self.hkv, d)
+            return triton_ops.paged_decode_attention(q, cache, meta.decode_table, meta.decode_lens, self.scale,
+                                                     meta.block_size)   # [N, Hq * D]
         qk = qkv[:, :(self.hq + self.hkv) * d].view(n, self.hq + self.hkv, d)
         qk = ops.rope(qk, cos, sin, rope.half)                  # [N, Hq + Hkv, D]
         q, k = qk[:, :self.hq], qk[:, self.hq:]
         v = qkv[:, (self.hq + self.hkv) * d:].view(n, self.hkv, d)
-        o = paged_attention(q, k, v, cache, meta, self.scale)   # [N, Hq * D]
-        return self.o_proj.forward(o)
+        return paged_attention(q, k, v, cache, meta, self.scale)   # [N, Hq * D]
 
 
 class LlamaMLP(nn.Module):
@@ -48,12 +56,17 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [inter, inter], bias, comm, dtype, device)
         self.down_proj = RowParallelLinear(inter, cfg.hidden_size, bias, comm, dtype, device)
         self.inter = self.gate_up_proj.parts[0][1]
+        self.down_proj.fuse_region = 1
         if getattr(cfg, "hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported")
 
     def forward(self, x):
+        return self.down_proj.forward(self.act(x))
+
+    def act(self, x):
+        """silu(gate) * up: [N, I_local], the input of down_proj."""
         gu = self.gate_up_proj.forward(x)                               # [N, 2 * I_local]
-        return self.down_proj.forward(ops.silu_mul(gu, self.inter))
+        return ops.silu_mul(gu, self.inter)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -64,17 +77,13 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
 
-    def forward(self, x, residual, rope, cos, sin, meta, cache):
-        """x: previous layer's output delta (None at layer 0, where residual = embeddings).
-        Returns (this layer's MLP output, residual stream before it is added)."""
-        ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
-        if x is None:
-            h = ops.rms_norm(residual, ln1.weight, ln1.eps)
-        else:
-            h, residual = ops.add_rms_norm(x, residual, ln1.weight, ln1.eps)
-        a = self.self_attn.forward(h, rope, cos, sin, meta, cache)
-        h, residual = ops.add_rms_norm(a, residual, ln2.weight, ln2.eps)
-        return self.mlp.forward(h), residual
+    def forward(self, h, residual, rope, cos, sin, meta, cache, next_norm: RMSNorm):
+        """h: this layer's normed input, residual: the stream before it. Returns (next_norm's
+        output, residual stream): each row-parallel projection is reduced together with the add and
+        norm after it (one kernel on the fused all-reduce path, RowParallelLinear.add_norm)."""
+        o = self.self_attn.core(h, rope, cos, sin, meta, cache)
+        h, residual = self.self_attn.o_proj.add_norm(o, residual, self.post_attention_layernorm)
+        return self.mlp.down_proj.add_norm(self.mlp.act(h), residual, next_norm)
 
 
 class LlamaModel(nn.Module):
@@ -94,6 +103,7 @@ class LlamaForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
     }
     qkv_bias_default = False
+    supports_decode_kernels = True      # LlamaAttention.core runs triton_ops on pure-decode graph steps
 
     def __init__(self, cfg, comm: Comm, dtype: torch.dtype, device: torch.device, max_pos: int):
         super().__init__()
@@ -129,12 +139,14 @@ class LlamaForCausalLM(nn.Module):
             return fused(input_ids, positions, meta, caches)                # same ops, one C++ call
         cos, sin = self.rope.tables(positions)
         residual = self.model.embed_tokens(input_ids)
-        x = None
-        for layer, cache in zip(self.model.layers, caches):
+        layers = self.model.layers
+        ln = layers[0].input_layernorm
+        h = ops.rms_norm(residual, ln.weight, ln.eps)
+        norms = [layer.input_layernorm for layer in layers[1:]] + [self.model.norm]
+        for layer, cache, nxt in zip(layers, caches, norms):
             # .forward: skip nn.Module.__call__'s hook machinery (~1 us x 200 calls per step)
-            x, residual = layer.forward(x, residual, self.rope, cos, sin, meta, cache)
-        norm = self.model.norm
-        return ops.add_rms_norm(x, residual, norm.weight, norm.eps)[0]
+            h, residual = layer.forward(h, residual, self.rope, cos, sin, meta, cache, nxt)
+        return h
 
     def compute_logits(self, hidden):
         """hidden: [S, hidden] -> logits [S, vocab] on rank 0, None on other ranks."""
