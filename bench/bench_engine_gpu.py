@@ -68,7 +68,8 @@ def check_tiny() -> bool:
 
     with tempfile.TemporaryDirectory() as d:
         path = build("llama", Path(d) / "tiny")
-        prompts = [[1, 17, 99, 23, 5], [1] + list(range(30, 70)), [1, 200, 201]]
+        prompts = [[1, 17, 99, 23, 5], [1] + list(range(30, 70)), [1, 200, 201],
+                   [1] + [(i * 37) % 240 + 3 for i in range(244)]]          # crosses a CTX_BUCKET
         refs = [hf_greedy(path, p, 24) for p in prompts]
         ok = True
         for tp in (1, 2) if torch.cuda.device_count() >= 2 else (1,):
@@ -173,21 +174,6 @@ def _without_overlap(engine, prompt, n, reps) -> float:
         return bs1_rate(engine, prompt, n, reps, "sync")[0]
     finally:
         engine._overlap = saved
-
-
-def _without_kernels(engine, prompt, n, reps) -> float | None:
-    """Batch-1 tokens/s with the torch attention path in decode graphs instead of triton_ops (graphs
-    recaptured), in the same process; None if the kernels were not in use."""
-    r = engine.runner
-    if not r.decode_kernels or r.graphs is None:
-        return None
-    r.decode_kernels = False
-    r.graphs.shapes.clear()
-    try:
-        return bs1_rate(engine, prompt, n, reps, "torchattn")[0]
-    finally:
-        r.decode_kernels = True
-        r.graphs.shapes.clear()
 
 
 def tp2_rate(cfg, prompt, n, reps, variants, profile_step: bool = False):
@@ -299,8 +285,6 @@ def main(argv: list[str]) -> None:
         try:
             bs1, tp1_steps = bs1_rate(engine, prompt, n, args.reps, "bs1")
             bs1_sync = _without_overlap(engine, prompt, n, args.reps)
-            bs1_torch_attn = _without_kernels(engine, prompt, n, args.reps)
-            print(f"# tp1 bs1 with torch attention in graphs: {bs1_torch_attn}", flush=True)
             print(f"# tp1 bs1: {bs1:.1f} tok/s {tp1_steps}; without overlapped decoding {bs1_sync:.1f}", flush=True)
             r = engine.runner
             embed = r.model.model.embed_tokens.weight
@@ -335,8 +319,7 @@ def main(argv: list[str]) -> None:
     hf = None if args.skip_hf else hf_rate(cfg, prompt, n, 2)
     gpu = torch.cuda.get_device_name(0)
     report("engine.gpu.decode_bs1_roofline", "fraction", bs1 / roofline, None, 0.7, engine_tok_s=round(bs1, 1),
-           engine_no_overlap_tok_s=round(bs1_sync, 1),
-           engine_torch_attention_tok_s=bs1_torch_attn and round(bs1_torch_attn, 1), roofline_tok_s=round(roofline, 1), copy_bandwidth_gb_s=round(bw / 1e9, 1),
+           engine_no_overlap_tok_s=round(bs1_sync, 1), roofline_tok_s=round(roofline, 1), copy_bandwidth_gb_s=round(bw / 1e9, 1),
            bytes_per_token=int(weight_read + kv_read), new_tokens=n, prompt_tokens=plen, gpu=gpu)
     report("engine.gpu.decode_bs1_vs_hf", "ratio", bs1 / hf if hf else 0.0, None, 3.0, engine_tok_s=round(bs1, 1),
            hf_bf16_tok_s=None if hf is None else round(hf, 1), gpu=gpu)
