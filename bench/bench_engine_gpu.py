@@ -72,18 +72,21 @@ def check_tiny() -> bool:
                    [1] + [(i * 37) % 240 + 3 for i in range(244)]]          # crosses a CTX_BUCKET
         refs = [hf_greedy(path, p, 24) for p in prompts]
         ok = True
-        for tp in (1, 2) if torch.cuda.device_count() >= 2 else (1,):
-            eng = create_engine(EngineConfig(model=str(path), dtype="float32", device="cuda", tp=tp))
+        optin = {"decode_kernels": "triton", "fused_all_reduce_norm": True}
+        runs = [(1, optin), (1, {})] + ([(2, optin), (2, {})] if torch.cuda.device_count() >= 2 else [])
+        for tp, extra in runs:          # opt-in first: only a process's first TP=2 engine gets symmetric memory
+            eng = create_engine(EngineConfig(model=str(path), dtype="float32", device="cuda", tp=tp, **extra))
             try:
                 alone = [generate(eng, [p], 24)[0] for p in prompts]
                 together = generate(eng, prompts, 24)
                 path_used = eng.runner.comm.all_reduce_path
+                kernels = eng.runner.decode_kernels
             finally:
                 eng.shutdown()
             torch.cuda.empty_cache()
             ok = ok and alone == refs and together == refs
-            print(f"# tiny llama on cuda tp={tp} ({path_used}): greedy equal to transformers "
-                  f"alone={alone == refs} batched={together == refs}", flush=True)
+            print(f"# tiny llama on cuda tp={tp} ({path_used}; decode kernels {'triton' if kernels else 'torch'}): "
+                  f"greedy equal to transformers alone={alone == refs} batched={together == refs}", flush=True)
     return ok
 
 
@@ -122,8 +125,9 @@ def _profile_decode(runner) -> None:
 
 TP2_VARIANTS = {                     # label -> EngineConfig overrides; "default" is the shipped config
     "default": {},
-    "no_fusion": {"fused_all_reduce_norm": False},
-    "torch_attention": {"decode_kernels": "torch"},
+    "fused": {"fused_all_reduce_norm": True},                           # opt-in paths (docs/engine.md)
+    "kernels": {"decode_kernels": "triton"},
+    "kernels_fused": {"decode_kernels": "triton", "fused_all_reduce_norm": True},
     "gloo_plans": {"plan_channel": "gloo"},
     "nccl_graphs": {"custom_all_reduce": False, "plan_channel": "gloo", "cuda_graphs_tp": True},
     "nccl_eager": {"custom_all_reduce": False, "plan_channel": "gloo", "cuda_graphs_tp": False},
@@ -251,6 +255,9 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--tp2-variants", default="default,nccl_graphs",
                     help=f"comma-separated TP=2 configurations among {sorted(TP2_VARIANTS)}")
     ap.add_argument("--tp2-one", default=None, help=argparse.SUPPRESS)    # child of tp2_rate
+    ap.add_argument("--check-only", action="store_true", help=argparse.SUPPRESS)  # child of --check
+    ap.add_argument("--decode-kernels", default="torch", choices=["torch", "triton"],
+                    help="TP=1 engine: attention of decode graph steps (EngineConfig.decode_kernels)")
     args = ap.parse_args(argv)
 
     import torch
@@ -269,8 +276,15 @@ def main(argv: list[str]) -> None:
         res = tp2_one(llama31_8b_config(), prompt, args.new_tokens, args.reps, args.tp2_one, args.profile)
         print("TP2RESULT " + json.dumps(res), flush=True)
         return
-    if args.check:
-        check_tiny()
+    if args.check_only:
+        sys.exit(0 if check_tiny() else 1)
+    if args.check:          # own process: the timed engines below start in a process that ran nothing else
+        import subprocess
+
+        res = subprocess.run([sys.executable, "-m", "bench.bench_engine_gpu", "--check-only"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=900)
+        print("\n".join(ln for ln in res.stdout.splitlines() if ln.startswith("# ")), flush=True)
+        print(f"# tiny checks: {'all equal' if res.returncode == 0 else 'FAILED: ' + res.stderr[-800:]}", flush=True)
     bw = copy_bandwidth()
     cfg = llama31_8b_config()
     n, plen = args.new_tokens, 128
@@ -280,7 +294,7 @@ def main(argv: list[str]) -> None:
         t0 = time.perf_counter()
         engine = create_engine(EngineConfig(model=d, dtype="bfloat16", device="cuda", load_format="dummy",
                                             max_model_len=4096, kv_cache_bytes=8 << 30, max_num_seqs=128,
-                                            max_num_batched_tokens=8192))
+                                            max_num_batched_tokens=8192, decode_kernels=args.decode_kernels))
         print(f"# engine up in {time.perf_counter() - t0:.1f}s", flush=True)
         try:
             bs1, tp1_steps = bs1_rate(engine, prompt, n, args.reps, "bs1")
@@ -319,7 +333,7 @@ def main(argv: list[str]) -> None:
     hf = None if args.skip_hf else hf_rate(cfg, prompt, n, 2)
     gpu = torch.cuda.get_device_name(0)
     report("engine.gpu.decode_bs1_roofline", "fraction", bs1 / roofline, None, 0.7, engine_tok_s=round(bs1, 1),
-           engine_no_overlap_tok_s=round(bs1_sync, 1), roofline_tok_s=round(roofline, 1), copy_bandwidth_gb_s=round(bw / 1e9, 1),
+           engine_no_overlap_tok_s=round(bs1_sync, 1), decode_kernels=args.decode_kernels, roofline_tok_s=round(roofline, 1), copy_bandwidth_gb_s=round(bw / 1e9, 1),
            bytes_per_token=int(weight_read + kv_read), new_tokens=n, prompt_tokens=plen, gpu=gpu)
     report("engine.gpu.decode_bs1_vs_hf", "ratio", bs1 / hf if hf else 0.0, None, 3.0, engine_tok_s=round(bs1, 1),
            hf_bf16_tok_s=None if hf is None else round(hf, 1), gpu=gpu)

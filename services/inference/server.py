@@ -222,6 +222,12 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
                     help="FP8 block-scaled checkpoints (DeepSeek-V3/R1): keep weights in FP8 (CUDA: FP8 matmuls)")
     ap.add_argument("--no-custom-all-reduce", dest="custom_all_reduce", action="store_false",
                     help="CUDA tp > 1: use NCCL for every all-reduce (default: one-shot over NVLink for small tensors)")
+    ap.add_argument("--decode-kernels", default="torch", choices=["torch", "triton", "auto"],
+                    help="CUDA: attention of decode graph steps in Triton kernels (opt-in, see docs/engine.md)")
+    ap.add_argument("--fused-all-reduce-norm", action="store_true",
+                    help="CUDA tp > 1: all-reduce fused with residual add + RMSNorm (Triton; opt-in, docs/engine.md)")
+    ap.add_argument("--overlap-decode", default="auto", choices=["auto", "on", "off"],
+                    help="greedy decode: enqueue the next step before this one's tokens reach the host (auto: CUDA)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -232,7 +238,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         model = str(prepare())
     return EngineConfig(model=model, tp=args.tp, backend=args.backend, dtype=args.dtype, device=args.device,
                         max_num_seqs=args.max_num_seqs, max_queue=args.max_queue, keep_fp8=args.keep_fp8,
-                        custom_all_reduce=args.custom_all_reduce)
+                        custom_all_reduce=args.custom_all_reduce, decode_kernels=args.decode_kernels,
+                        fused_all_reduce_norm=args.fused_all_reduce_norm, overlap_decode=args.overlap_decode)
 
 
 def main(argv: list[str] | None = None) -> int:

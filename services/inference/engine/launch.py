@@ -213,9 +213,11 @@ def create_engine(config: EngineConfig):
     engine = LLMEngine(config, runner, group, thread)
     if group is not None:
         group.watch(engine.mark_dead)
-    log.info("engine: %s on %s, tp=%d, all-reduce: %s, step plans: %s, CUDA graphs: %s, fused CPU decode: %s",
+    log.info("engine: %s on %s, tp=%d, all-reduce: %s, step plans: %s, CUDA graphs: %s, fused CPU decode: %s, "
+             "decode kernels: %s, overlapped decoding: %s",
              runner.architecture, config.device, config.tp, comm.all_reduce_path,
              "shared memory" if comm.channel is not None else ("gloo" if config.tp > 1 else "-"),
              "on" if runner.graphs is not None else "off",
-             "on" if getattr(runner.model, "fused_decode", None) is not None else "off")
+             "on" if getattr(runner.model, "fused_decode", None) is not None else "off",
+             "triton" if runner.decode_kernels else "torch", "on" if engine._overlap else "off")
     return engine
