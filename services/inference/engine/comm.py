@@ -129,6 +129,14 @@ class Comm:
             data += rest.numpy().tobytes()
         return pickle.loads(data)
 
+    def quiesce(self) -> None:
+        """Before a rank stops: wait until every rank's device work is done. The fused all-reduce
+        has no exit barrier (fused_all_reduce.py), so a peer may still be reading this rank's
+        buffer when this rank's own work has finished; nobody frees it before all are idle."""
+        if self.symm is not None and self.symm.fused:
+            torch.cuda.synchronize(self.device)
+            self.all_gather_int(0)
+
     def all_gather_int(self, value: int) -> list[int]:
         if self.size == 1:
             return [value]

@@ -130,11 +130,13 @@ class ModelRunner:
         while True:
             plan = self.comm.broadcast_object()
             if plan is None:
+                self.comm.quiesce()
                 return
             self.execute(plan)
 
     def stop_followers(self) -> None:
         self.comm.broadcast_object(None)
+        self.comm.quiesce()
 
     # -- one forward -----------------------------------------------------------------------
     @torch.inference_mode()
