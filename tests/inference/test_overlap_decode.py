@@ -77,10 +77,17 @@ def test_sampled_and_cancelled_requests_beside_overlapped_ones(tiny):
 
 
 @pytest.mark.slow
-def test_overlapped_tp2_equals_transformers(tiny):
+def test_overlapped_tp2_equals_transformers_and_rank_death_ends_requests(tiny):
     path, refs = tiny
     eng = _engine(path, tp=2)
     try:
         assert _run_all(eng) == refs
+        c = submit(eng, "victim", PROMPTS[3], 400)          # decoding in overlapped steps when the rank dies
+        while len(c.tokens) < 3:
+            time.sleep(0.002)
+        eng.group.procs[0].kill()
+        toks, reason, err = c.wait(30)
+        assert reason.name == "ERROR" and err
+        assert not eng.healthy
     finally:
         eng.shutdown()
