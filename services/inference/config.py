@@ -66,6 +66,12 @@ class EngineConfig:
         check(self.overlap_decode in ("auto", "on", "off"), "overlap_decode must be 'auto', 'on' or 'off'")
 
 
+    @property
+    def overlap_enabled(self) -> bool:
+        """overlap_decode resolved (every rank must agree: followers then gather full logits too)."""
+        return self.overlap_decode == "on" or (self.overlap_decode == "auto" and self.device == "cuda")
+
+
 @dataclass(frozen=True)
 class WorkerServerConfig:
     engine: EngineConfig

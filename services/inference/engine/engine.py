@@ -73,7 +73,7 @@ class LLMEngine:
         self._error = ""
         self._stopping = False
         self._stats = EngineStats()
-        self._overlap = config.overlap_decode == "on" or (config.overlap_decode == "auto" and config.device == "cuda")
+        self._overlap = config.overlap_enabled
         self._pending = None        # (plan, token handle, t0): a launched greedy step not yet applied
         self._thread = thread or ComputeThread()
         self._thread.run_last(self._loop)

@@ -87,7 +87,7 @@ class ModelRunner:
             self.kv_cache = torch.zeros((layers, slots, *slot_shape), dtype=self.dtype, device=self.device)
         self.last_ids: torch.Tensor | None = None    # [S] device argmax of the last device_greedy step
         self._tokens = StepTokens(self.device) if comm.rank == 0 else None
-        comm.logits_everywhere = True                # every rank can take the argmax (device_greedy)
+        comm.logits_everywhere = config.overlap_enabled   # every rank takes the argmax (device_greedy)
         self.decode_kernels = self._decode_kernels(config, cls)
         self.graphs = None
         if self.device.type == "cuda" and config.compile_kernels:
