@@ -132,8 +132,13 @@ class Comm:
     def quiesce(self) -> None:
         """Before a rank stops: wait until every rank's device work is done. The fused all-reduce
         has no exit barrier (fused_all_reduce.py), so a peer may still be reading this rank's
-        buffer when this rank's own work has finished; nobody frees it before all are idle."""
+        buffer when this rank's own work has finished; nobody frees it before all are idle. Then
+        every rank drops its views of the peers' buffers while all processes are still alive."""
         if self.symm is not None and self.symm.fused:
+            torch.cuda.synchronize(self.device)
+            self.all_gather_int(0)
+            self.symm.release()
+            self.symm = None
             torch.cuda.synchronize(self.device)
             self.all_gather_int(0)
 

@@ -118,6 +118,10 @@ class SymmAllReduce:
         parts = [b[off:off + n * m].view(n, m) for b in self.peers]
         return ar_add_rms_norm(self.ptrs, self.flags_off, parts, residual, norm_w, eps, self.rank)
 
+    def release(self) -> None:
+        """Drop the peer views, the pointer table and the buffer (Comm.quiesce, all ranks idle)."""
+        self.peers, self.ptrs, self.buf, self.fused = [], None, None, False
+
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
         """In-place sum of t across ranks (t: any shape, contiguous, fits())."""
         flat = t.view(-1)
