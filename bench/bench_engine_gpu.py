@@ -180,7 +180,7 @@ def _without_overlap(engine, prompt, n, reps) -> float:
         engine._overlap = saved
 
 
-def tp2_rate(cfg, prompt, n, reps, variants, profile_step: bool = False):
+def tp2_rate(cfg, prompt, n, reps, variants, profile_step: bool = False, dump_after: float = 0.0):
     """Batch-1 decode at TP=2 for each variant, each in its own process (one engine per process, as
     a worker runs: symmetric memory is set up once per process), rank 1 on the second GPU:
     {label: {tok_s, all_reduce_path, plan_channel, cuda_graphs_tp, step/broadcast/execute ms}}."""
@@ -190,12 +190,18 @@ def tp2_rate(cfg, prompt, n, reps, variants, profile_step: bool = False):
     out = {}
     for label in variants:
         cmd = [sys.executable, "-m", "bench.bench_engine_gpu", "--tp2-one", label, "--new-tokens", str(n),
-               "--reps", str(reps)] + (["--profile"] if profile_step else [])
-        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+               "--reps", str(reps), "--dump-after", str(dump_after)] + (["--profile"] if profile_step else [])
+        try:
+            res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired as exc:            # a hang: keep its stacks (--dump-after)
+            err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+            out[label] = {"error": "timed out after 300 s", "stderr_tail": err[-4000:]}
+            print(f"# tp2 {label}: {out[label]}", flush=True)
+            continue
         if profile_step:
             print("\n".join(ln for ln in res.stdout.splitlines() if not ln.startswith("TP2RESULT ")), flush=True)
         lines = [ln for ln in res.stdout.splitlines() if ln.startswith("TP2RESULT ")]
-        out[label] = json.loads(lines[-1][10:]) if lines else {"error": res.stderr[-600:]}
+        out[label] = json.loads(lines[-1][10:]) if lines else {"error": res.stderr[-3000:]}
         print(f"# tp2 {label}: {out[label]}", flush=True)
     return out
 
@@ -256,9 +262,15 @@ def main(argv: list[str]) -> None:
                     help=f"comma-separated TP=2 configurations among {sorted(TP2_VARIANTS)}")
     ap.add_argument("--tp2-one", default=None, help=argparse.SUPPRESS)    # child of tp2_rate
     ap.add_argument("--check-only", action="store_true", help=argparse.SUPPRESS)  # child of --check
+    ap.add_argument("--dump-after", type=float, default=0.0,
+                    help="print every thread's Python stack if still running after this many seconds (hangs)")
     ap.add_argument("--decode-kernels", default="torch", choices=["torch", "triton"],
                     help="TP=1 engine: attention of decode graph steps (EngineConfig.decode_kernels)")
     args = ap.parse_args(argv)
+    if args.dump_after > 0:
+        import faulthandler
+
+        faulthandler.dump_traceback_later(args.dump_after, repeat=True)
 
     import torch
 
@@ -315,7 +327,8 @@ def main(argv: list[str]) -> None:
                 t0 = time.perf_counter()
                 tls = [_submit(engine, f"b{rep}-{k}", p, n) for k, p in enumerate(prompts)]
                 for tl in tls:
-                    tl.done.wait()
+                    if not tl.done.wait(300):
+                        raise TimeoutError("batch-64 request did not finish in 300 s (see --dump-after)")
                 wall = time.perf_counter() - t0
                 agg = sum(tl.tokens for tl in tls) / wall
                 first = max(tl.times[0] for tl in tls)
@@ -329,7 +342,7 @@ def main(argv: list[str]) -> None:
     torch.cuda.empty_cache()
     tp2 = None
     if args.tp2 and torch.cuda.device_count() >= 2:
-        tp2 = tp2_rate(cfg, prompt, n, args.reps, args.tp2_variants.split(","), args.profile)
+        tp2 = tp2_rate(cfg, prompt, n, args.reps, args.tp2_variants.split(","), args.profile, args.dump_after)
     hf = None if args.skip_hf else hf_rate(cfg, prompt, n, 2)
     gpu = torch.cuda.get_device_name(0)
     report("engine.gpu.decode_bs1_roofline", "fraction", bs1 / roofline, None, 0.7, engine_tok_s=round(bs1, 1),
