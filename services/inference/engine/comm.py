@@ -130,17 +130,19 @@ class Comm:
         return pickle.loads(data)
 
     def quiesce(self) -> None:
-        """Before a rank stops: wait until every rank's device work is done. The fused all-reduce
-        has no exit barrier (fused_all_reduce.py), so a peer may still be reading this rank's
-        buffer when this rank's own work has finished; nobody frees it before all are idle. Then
-        every rank drops its views of the peers' buffers while all processes are still alive."""
-        if self.symm is not None and self.symm.fused:
-            torch.cuda.synchronize(self.device)
-            self.all_gather_int(0)
-            self.symm.release()
-            self.symm = None
-            torch.cuda.synchronize(self.device)
-            self.all_gather_int(0)
+        """Before a rank stops (every rank, between two barriers): wait until all device work is
+        done, then drop the symmetric-memory buffer and the views of the peers' buffers. The fused
+        all-reduce has no exit barrier (a peer may still read this rank's buffer), and freeing
+        symmetric memory can be collective (NVSHMEM backend: pytorch/pytorch#195500): left to the
+        garbage collector it would run at some later point on one rank only and hang there."""
+        if self.symm is None:
+            return
+        torch.cuda.synchronize(self.device)
+        self.all_gather_int(0)
+        self.symm.release()
+        self.symm = None
+        torch.cuda.synchronize(self.device)
+        self.all_gather_int(0)
 
     def all_gather_int(self, value: int) -> list[int]:
         if self.size == 1:
