@@ -55,7 +55,7 @@ class SymmAllReduce:
 
     fused = False                 # linear_add_rms_norm available (fused_all_reduce.py; set by try_enable)
 
-    def __init__(self, comm, dtype: torch.dtype, max_bytes: int):
+    def __init__(self, comm, dtype: torch.dtype, max_bytes: int, fuse_norm: bool = False):
         from torch.distributed import _symmetric_memory as symm
 
         store, rank, size = comm.store, comm.rank, comm.size
@@ -75,16 +75,18 @@ class SymmAllReduce:
 
         self.dtype, self.rank = dtype, rank
         self.numel = max_bytes // dtype.itemsize
-        flag_elems = MAX_ROWS * MAX_WORLD * 4 // dtype.itemsize
-        total = 3 * self.numel + flag_elems
+        # The fused regions, flags and peer views exist only when the fused path is asked for.
+        total = 3 * self.numel + MAX_ROWS * MAX_WORLD * 4 // dtype.itemsize if fuse_norm else self.numel
         self.buf = symm.empty(total, dtype=dtype, device=comm.device)            # [total] flat
         handle = _rendezvous(self.buf, self.name)
         self.flags_off = 3 * self.numel * dtype.itemsize // 4                    # in int32 elements
-        self.buf[3 * self.numel:].zero_()
-        torch.cuda.synchronize(comm.device)
-        comm.all_gather_int(0)                                                   # flags zero everywhere
-        self.ptrs = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=comm.device)    # [W]
-        self.peers = [self.buf if r == rank else handle.get_buffer(r, (total,), dtype) for r in range(size)]
+        self.ptrs, self.peers = None, []
+        if fuse_norm:
+            self.buf[3 * self.numel:].zero_()
+            torch.cuda.synchronize(comm.device)
+            comm.all_gather_int(0)                                               # flags zero everywhere
+            self.ptrs = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=comm.device)  # [W]
+            self.peers = [self.buf if r == rank else handle.get_buffer(r, (total,), dtype) for r in range(size)]
 
     def fits(self, t: torch.Tensor) -> bool:
         return t.dtype == self.dtype and t.numel() <= self.numel and t.is_contiguous()
@@ -175,11 +177,11 @@ def _check_fused(comm, ar: SymmAllReduce) -> str:
     return ""
 
 
-def try_enable(comm, dtype: torch.dtype, max_bytes: int = 1 << 20, fuse_norm: bool = True) -> str:
+def try_enable(comm, dtype: torch.dtype, max_bytes: int = 1 << 20, fuse_norm: bool = False) -> str:
     """Collectively enable the one-shot path on comm (CUDA, size > 1); returns the path in use."""
     ok, err, ar = 1, "", None
     try:
-        ar = SymmAllReduce(comm, dtype, max_bytes)
+        ar = SymmAllReduce(comm, dtype, max_bytes, fuse_norm)
         x = torch.arange(4096, device=comm.device, dtype=torch.float32).to(dtype) * (comm.rank + 1)
         got = ar.all_reduce_(x.clone())
         comm.pg.allreduce([x]).wait()                                          # NCCL reference

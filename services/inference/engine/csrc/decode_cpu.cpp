@@ -54,7 +54,7 @@ at::Tensor decode(at::Tensor residual, const std::vector<at::Tensor>& weights, c
     const at::Tensor* bias = &biases[4 * i];
     if (x.defined()) residual = residual + x;                          // ops.add_rms_norm
     h = rms_norm(residual, w[0], eps);
-    // attention (LlamaAttention.forward, paged_attention, decode_attention)
+    // attention (LlamaAttention.core, paged_attention, decode_attention)
     auto qkv = linear(h, w[1], opt(bias[0]), packed);                   // [B, (Hq + 2 Hkv) D]
     auto qk = qkv.slice(1, 0, (hq + hkv) * d).view({b, hq + hkv, d});
     qk = qk * cos + at::roll(qk, {half}, {-1}) * sin;                   // ops.rope

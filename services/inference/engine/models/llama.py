@@ -31,9 +31,6 @@ class LlamaAttention(nn.Module):
         self.scale = d ** -0.5
         self.o_proj.fuse_region = 0
 
-    def forward(self, x, rope: RotaryEmbedding, cos, sin, meta: AttnMetadata, cache):
-        return self.o_proj.forward(self.core(x, rope, cos, sin, meta, cache))
-
     def core(self, x, rope: RotaryEmbedding, cos, sin, meta: AttnMetadata, cache):
         """Attention output before o_proj: [N, Hq_local * D]."""
         n, d = x.shape[0], self.head_dim
@@ -59,9 +56,6 @@ class LlamaMLP(nn.Module):
         self.down_proj.fuse_region = 1
         if getattr(cfg, "hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported")
-
-    def forward(self, x):
-        return self.down_proj.forward(self.act(x))
 
     def act(self, x):
         """silu(gate) * up: [N, I_local], the input of down_proj."""
