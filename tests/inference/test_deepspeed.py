@@ -194,12 +194,16 @@ def test_two_groups_on_one_host_and_a_dying_follower(engine, tiny_llama):
     """A second group starts beside the first (free rendezvous port, own shm segment); then its
     rank 1 is killed mid-generation: in-flight requests end with ERROR, new ones are refused, and
     rank 0 does not stay behind spinning in the all-reduce."""
+    from services.inference.deepspeed_backend.launch import shm_buffers
+
     doomed = create_deepspeed_engine(EngineConfig(model=str(tiny_llama[0]), tp=2, backend="deepspeed",
                                                   dtype="float32"))
+    port = doomed._group.port
     try:
         c = Collector()
         doomed.submit(GenerationRequest("victim", tuple(PROMPTS[0]), SamplingParams(max_new_tokens=250)), c)
         c.q.put(c.q.get(timeout=60))          # generation is under way
+        assert shm_buffers(port)               # DeepSpeed's shm all-reduce buffers of this group...
         os.kill(doomed.rank_pids[1], signal.SIGKILL)
         tokens, final = c.result("victim", timeout=30)
         assert final.finish_reason is FinishReason.ERROR and "rank" in final.error
@@ -210,9 +214,11 @@ def test_two_groups_on_one_host_and_a_dying_follower(engine, tiny_llama):
             assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
     finally:
         doomed.shutdown()
+    assert not shm_buffers(port)               # ...are removed with it (DeepSpeed leaves them behind)
     # the first group was never disturbed
     got, _ = run(engine, "survivor", PROMPTS[3], 8)
     assert got == hf_generate(tiny_llama[1], PROMPTS[3], 8)
+    assert shm_buffers(engine._group.port)     # its buffers are still there while it runs
 
 
 @pytest.mark.slow

@@ -25,6 +25,25 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 EXTENSIONS_DIR = REPO_ROOT / ".cache" / "torch_extensions"
 
 
+SHM_DIR = Path("/dev/shm")
+
+
+def shm_buffers(port: int) -> list[Path]:
+    """DeepSpeed's CPU shared-memory all-reduce buffers of the group on `port` (one ~69 MB file per
+    rank, named deepspeed_allreduce_buffer_<n>_<MASTER_ADDR>_<MASTER_PORT>_<rank>)."""
+    return sorted(SHM_DIR.glob(f"deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*"))
+
+
+def remove_shm_buffers(port: int) -> None:
+    """DeepSpeed never unlinks them: without this every group start leaks ~69 MB per rank of RAM
+    in /dev/shm (found at 16 GB on a development machine). Called once the ranks have exited."""
+    for f in shm_buffers(port):
+        try:
+            f.unlink()
+        except OSError:
+            pass
+
+
 class GroupFailed(RuntimeError):
     """A rank died or a step failed: the group cannot serve any more."""
 
@@ -158,6 +177,7 @@ class RankGroup:
         self.kill()
 
     def _close(self) -> None:
+        remove_shm_buffers(self.port)
         self.conn.close()
         for fd in self._pidfds:
             try:
