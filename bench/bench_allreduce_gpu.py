@@ -22,37 +22,45 @@ if str(ROOT) not in sys.path:
 CALLS = 64
 
 
-def _time_graph(comm, x, use_symm: bool, reps: int = 20) -> float:
-    """Microseconds per all-reduce of x, CALLS of them replayed as one graph."""
+def _graph_us(comm, body, reps: int = 20):
+    """Capture body() (CALLS collective calls) in a CUDA graph after a warm-up on a side stream,
+    replay it reps times with every rank starting together: (us per call, body's output)."""
     import torch
 
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            body()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = body()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    comm.all_gather_int(0)                                   # start together
+    t = time.perf_counter()
+    for _ in range(reps):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / (reps * CALLS) * 1e6, out
+
+
+def _time_graph(comm, x, use_symm: bool) -> float:
+    """Microseconds per all-reduce of x (one-shot or NCCL), CALLS of them in one graph."""
     saved = comm.symm
     comm.symm = saved if use_symm else None
     try:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                comm.all_reduce(x)
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
+        def body():
             for _ in range(CALLS):
                 comm.all_reduce(x)
-        for _ in range(3):
-            g.replay()
-        torch.cuda.synchronize()
-        comm.all_gather_int(0)                                   # start together
-        t = time.perf_counter()
-        for _ in range(reps):
-            g.replay()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - t) / (reps * CALLS) * 1e6
+        return _graph_us(comm, body)[0]
     finally:
         comm.symm = saved
 
 
-def _time_fused(comm, b: int, fused: bool, reps: int = 20) -> tuple[float, "torch.Tensor"]:
+def _time_fused(comm, b: int, fused: bool):
     """Microseconds per (row-parallel matmul + all-reduce + residual add + RMSNorm) of [b, 4096]
     bf16, CALLS of them in one graph (K = 256: the matmul is small), fused kernel or one-shot +
     ops.add_rms_norm; returns (us, last normed output)."""
@@ -76,24 +84,8 @@ def _time_fused(comm, b: int, fused: bool, reps: int = 20) -> tuple[float, "torc
                 h, r = ops.add_rms_norm(symm.linear_all_reduce(x, w), r, nw, 1e-5)
         return h
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            body()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = body()
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    comm.all_gather_int(0)
-    t = time.perf_counter()
-    for _ in range(reps):
-        graph.replay()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / (reps * CALLS) * 1e6, out.clone()
+    us, out = _graph_us(comm, body)
+    return us, out.clone()
 
 
 def _rank(rank: int, port: int, out_path: str) -> None:
