@@ -47,7 +47,7 @@ class Comm:
             self.pg.allreduce([t]).wait()
         return t
 
-    def enable_custom_all_reduce(self, dtype: torch.dtype, fuse_norm: bool = True) -> str:
+    def enable_custom_all_reduce(self, dtype: torch.dtype, fuse_norm: bool = False) -> str:
         """CUDA, size > 1: one-shot all-reduce for small tensors (symm_all_reduce.py), and with
         fuse_norm the all-reduce + residual add + RMSNorm kernel (fused_all_reduce.py). Collective."""
         if self.size > 1 and self.device.type == "cuda":
