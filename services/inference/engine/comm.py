@@ -6,10 +6,13 @@ engines (or an engine and a test) can live in one process without fighting over 
 from __future__ import annotations
 
 import datetime
+import logging
 import pickle
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 class Comm:
@@ -130,18 +133,28 @@ class Comm:
         return pickle.loads(data)
 
     def quiesce(self) -> None:
-        """Before a rank stops (every rank, between two barriers): wait until all device work is
-        done, then drop the symmetric-memory buffer and the views of the peers' buffers. The fused
-        all-reduce has no exit barrier (a peer may still read this rank's buffer), and freeing
-        symmetric memory can be collective (NVSHMEM backend: pytorch/pytorch#195500): left to the
-        garbage collector it would run at some later point on one rank only and hang there."""
-        if self.symm is None:
+        """Before a rank stops (every rank, between barriers): wait until all device work is done,
+        drop the symmetric-memory buffer and the views of the peers' buffers, then shut the NCCL
+        communicator down on every rank at once. The fused all-reduce has no exit barrier (a peer
+        may still read this rank's buffer), and freeing symmetric memory can be collective (NVSHMEM
+        backend: pytorch/pytorch#195500): left to the garbage collector it would run at some later
+        point on one rank only and hang there. Left to the destructor at exit, NCCL's abort waited
+        60 s on rank 0 for peers already gone ("ProcessGroup abort timed out after 60000 ms")."""
+        if self.size == 1 or self.device.type != "cuda":
             return
         torch.cuda.synchronize(self.device)
         self.all_gather_int(0)
-        self.symm.release()
-        self.symm = None
-        torch.cuda.synchronize(self.device)
+        if self.symm is not None:
+            self.symm.release()
+            self.symm = None
+            torch.cuda.synchronize(self.device)
+            self.all_gather_int(0)
+        stop = getattr(self.pg, "shutdown", None) or getattr(self.pg, "_shutdown", None)
+        if stop is not None and self.pg is not self.cpu_pg:
+            try:
+                stop()
+            except Exception as exc:  # noqa: BLE001 - stopping anyway; the destructor aborts instead
+                log.warning("NCCL communicator shutdown failed: %s", exc)
         self.all_gather_int(0)
 
     def all_gather_int(self, value: int) -> list[int]:

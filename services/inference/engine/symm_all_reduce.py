@@ -123,6 +123,12 @@ class SymmAllReduce:
     def release(self) -> None:
         """Drop the peer views, the pointer table and the buffer (Comm.quiesce, all ranks idle)."""
         self.peers, self.ptrs, self.buf, self.fused = [], None, None, False
+        try:
+            from torch._C._distributed_c10d import _unregister_process_group
+
+            _unregister_process_group(self.name)          # the registry held the NCCL backend alive
+        except (ImportError, RuntimeError):
+            pass
 
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
         """In-place sum of t across ranks (t: any shape, contiguous, fits())."""
