@@ -72,9 +72,9 @@ def check_tiny() -> bool:
                    [1] + [(i * 37) % 240 + 3 for i in range(244)]]          # crosses a CTX_BUCKET
         refs = [hf_greedy(path, p, 24) for p in prompts]
         ok = True
-        optin = {"decode_kernels": "triton", "fused_all_reduce_norm": True}
-        runs = [(1, optin), (1, {})] + ([(2, optin), (2, {})] if torch.cuda.device_count() >= 2 else [])
-        for tp, extra in runs:          # opt-in first: only a process's first TP=2 engine gets symmetric memory
+        plain = {"decode_kernels": "torch", "fused_all_reduce_norm": False}
+        runs = [(1, {}), (1, plain)] + ([(2, {}), (2, plain)] if torch.cuda.device_count() >= 2 else [])
+        for tp, extra in runs:          # defaults first: only a process's first TP=2 engine gets symmetric memory
             eng = create_engine(EngineConfig(model=str(path), dtype="float32", device="cuda", tp=tp, **extra))
             try:
                 alone = [generate(eng, [p], 24)[0] for p in prompts]
@@ -124,10 +124,10 @@ def _profile_decode(runner) -> None:
 
 
 TP2_VARIANTS = {                     # label -> EngineConfig overrides; "default" is the shipped config
-    "default": {},
-    "fused": {"fused_all_reduce_norm": True},                           # opt-in paths (docs/engine.md)
-    "kernels": {"decode_kernels": "triton"},
-    "kernels_fused": {"decode_kernels": "triton", "fused_all_reduce_norm": True},
+    "default": {},                                                       # Triton GEMV/attention + fused AR
+    "unfused": {"fused_all_reduce_norm": False},                         # one-shot AR, then add + RMSNorm
+    "torch_kernels": {"decode_kernels": "torch"},                        # cuBLAS + torch attention
+    "torch_unfused": {"decode_kernels": "torch", "fused_all_reduce_norm": False},   # session 3's default
     "gloo_plans": {"plan_channel": "gloo"},
     "nccl_graphs": {"custom_all_reduce": False, "plan_channel": "gloo", "cuda_graphs_tp": True},
     "nccl_eager": {"custom_all_reduce": False, "plan_channel": "gloo", "cuda_graphs_tp": False},
@@ -258,14 +258,14 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--tp2", action="store_true", help="also measure TP=2 on two GPUs (batch-1 decode)")
-    ap.add_argument("--tp2-variants", default="default,nccl_graphs",
+    ap.add_argument("--tp2-variants", default="default,torch_kernels",
                     help=f"comma-separated TP=2 configurations among {sorted(TP2_VARIANTS)}")
     ap.add_argument("--tp2-one", default=None, help=argparse.SUPPRESS)    # child of tp2_rate
     ap.add_argument("--check-only", action="store_true", help=argparse.SUPPRESS)  # child of --check
     ap.add_argument("--dump-after", type=float, default=0.0,
                     help="print every thread's Python stack if still running after this many seconds (hangs)")
-    ap.add_argument("--decode-kernels", default="torch", choices=["torch", "triton"],
-                    help="TP=1 engine: attention of decode graph steps (EngineConfig.decode_kernels)")
+    ap.add_argument("--decode-kernels", default="auto", choices=["auto", "torch", "triton"],
+                    help="TP=1 engine: EngineConfig.decode_kernels (Triton GEMV + decode attention, or torch)")
     args = ap.parse_args(argv)
     if args.dump_after > 0:
         import faulthandler

@@ -33,16 +33,16 @@ class EngineConfig:
     cuda_graphs: bool = True                # CUDA only: replay captured graphs for pure-decode steps
     cuda_graphs_tp: bool = True             # CUDA graphs also at tp > 1 (all-reduces inside the graph)
     compile_kernels: bool = True            # CUDA only: torch.compile the small fused blocks (engine/ops.py)
-    decode_kernels: str = "torch"           # attention of pure-decode graph steps: "triton" (triton_ops:
-                                            # RoPE + KV write, paged attention), "torch", "auto" (triton on
-                                            # CUDA if it imports and the model supports it). Default torch:
-                                            # a GPU bench process hung after triton was used (docs/engine.md)
+    decode_kernels: str = "auto"            # batch-1 / pure-decode graph steps in Triton (engine/gemv.py,
+                                            # triton_ops.py: GEMV, RoPE + KV write, paged attention):
+                                            # "triton", "torch", "auto" (triton on CUDA if it imports and
+                                            # the model supports it)
     cpu_fused_decode: bool = True           # CPU, tp = 1: batch-1 decode steps in one C++ call (same ops)
     custom_all_reduce: bool = True          # CUDA, tp > 1: one-shot all-reduce over symmetric memory
                                             # (NVLink peer loads) for small tensors instead of NCCL
-    fused_all_reduce_norm: bool = False     # with custom_all_reduce: the all-reduce after attention and
-                                            # after the MLP fused with the residual add + RMSNorm (Triton);
-                                            # opt-in: correct on 2 GPUs, not yet timed (docs/engine.md)
+    fused_all_reduce_norm: bool = True      # with custom_all_reduce: the all-reduce after attention and
+                                            # after the MLP fused with the residual add + RMSNorm (Triton),
+                                            # checked against NCCL at start (docs/engine.md)
     plan_channel: str = "auto"              # step plans to follower ranks: "shm" (shared memory, ranks on
                                             # one host), "gloo", or "auto" (shm for CUDA local groups)
     overlap_decode: str = "auto"            # greedy decode steps: enqueue step N+1 before step N's tokens

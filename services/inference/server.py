@@ -222,10 +222,10 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
                     help="FP8 block-scaled checkpoints (DeepSeek-V3/R1): keep weights in FP8 (CUDA: FP8 matmuls)")
     ap.add_argument("--no-custom-all-reduce", dest="custom_all_reduce", action="store_false",
                     help="CUDA tp > 1: use NCCL for every all-reduce (default: one-shot over NVLink for small tensors)")
-    ap.add_argument("--decode-kernels", default="torch", choices=["torch", "triton", "auto"],
-                    help="CUDA: attention of decode graph steps in Triton kernels (opt-in, see docs/engine.md)")
-    ap.add_argument("--fused-all-reduce-norm", action="store_true",
-                    help="CUDA tp > 1: all-reduce fused with residual add + RMSNorm (Triton; opt-in, docs/engine.md)")
+    ap.add_argument("--decode-kernels", default="auto", choices=["torch", "triton", "auto"],
+                    help="batch-1 GEMV and decode attention in Triton kernels (auto: on CUDA; docs/engine.md)")
+    ap.add_argument("--no-fused-all-reduce-norm", dest="fused_all_reduce_norm", action="store_false",
+                    help="CUDA tp > 1: keep the all-reduce apart from the residual add + RMSNorm (default: fused)")
     ap.add_argument("--overlap-decode", default="auto", choices=["auto", "on", "off"],
                     help="greedy decode: enqueue the next step before this one's tokens reach the host (auto: CUDA)")
 

@@ -1,4 +1,5 @@
-"""The engine with decode_kernels="triton" (triton_ops in pure-decode graph steps), run on CPU under
+"""The engine with decode_kernels="triton" (triton_ops in pure-decode graph steps, engine/gemv.py for
+batch-1 linear layers), run on CPU under
 Triton's interpreter through the padded graph path (capture=False): greedy tokens must equal
 transformers'. On a GPU the same wiring runs compiled (bench/bench_engine_gpu.py --check)."""
 from __future__ import annotations
@@ -18,11 +19,17 @@ SCRIPT = r"""
 import json, sys, tempfile
 from pathlib import Path
 from services.inference.config import EngineConfig
-from services.inference.engine import create_engine
+from services.inference.engine import create_engine, gemv
 from services.inference.engine.cuda_graphs import DecodeGraphs
 from tests.inference.engine_helpers import generate
 from tests.inference.tiny_models import build, hf_greedy
 
+calls = [0]
+_gemv = gemv.gemv
+def counted(*a, **k):                      # counts the batch-1 GEMV launches (the real kernel runs)
+    calls[0] += 1
+    return _gemv(*a, **k)
+gemv.gemv = counted
 prompts = [[1, 17, 99, 23, 5], [1] + list(range(30, 70)), [1, 200, 201]]
 out = {}
 with tempfile.TemporaryDirectory() as d:
@@ -35,7 +42,9 @@ with tempfile.TemporaryDirectory() as d:
             eng.runner.graphs = DecodeGraphs(eng.runner, capture=False)
             out[kind] = {"alone": [generate(eng, [p], 12)[0] for p in prompts] == refs,
                          "batched": generate(eng, prompts, 12) == refs,
-                         "kernel_shapes": [st.kernels for st in eng.runner.graphs.shapes.values()]}
+                         "kernel_shapes": [st.kernels for st in eng.runner.graphs.shapes.values()],
+                         "gemv_calls": calls[0]}
+            calls[0] = 0
         finally:
             eng.shutdown()
 print("RESULT " + json.dumps(out))
@@ -52,3 +61,4 @@ def test_engine_with_triton_decode_kernels_equals_transformers():
     for kind, r in res.items():
         assert r["kernel_shapes"] and all(r["kernel_shapes"]), (kind, r)
         assert r["alone"] and r["batched"], (kind, r)
+        assert r["gemv_calls"] > 0, (kind, r)          # batch-1 linear layers went through engine/gemv.py

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.inference.engine import ops
+from services.inference.engine import gemv, ops
 from services.inference.engine.comm import Comm
 
 
@@ -47,11 +47,32 @@ def _param(shape, dtype, device, loader) -> nn.Parameter:
 
 
 def _matmul(module, x, bias=None):
-    """x @ W.T (+ bias) with the module's oneDNN-prepacked weight when it has one (CPU bf16)."""
+    """x @ W.T (+ bias) with the module's oneDNN-prepacked weight when it has one (CPU bf16), or
+    the Triton batch-1 GEMV when the runner turned it on (module.gemv: decode_kernels, CUDA)."""
     packed = module.packed
     if packed is not None:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    if module.gemv and gemv.applies(x, module.weight):
+        y = gemv.gemv(x, module.weight)                 # [1, M]
+        return y if bias is None else y.add_(bias)
     return F.linear(x, module.weight, bias)
+
+
+def mm_out(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, use_gemv: bool) -> torch.Tensor:
+    """out = x @ w.T (x: [N, K], w: [M, K], out: [N, M] contiguous), by the batch-1 GEMV if asked."""
+    if use_gemv and gemv.applies(x, w):
+        return gemv.gemv(x, w, out)
+    return torch.mm(x, w.t(), out=out)
+
+
+def enable_gemv(model: nn.Module) -> int:
+    """Batch-1 matmuls of every linear layer through engine/gemv.py. Returns the layer count."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, (_Linear, ParallelLMHead)) and m.packed is None:
+            m.gemv = True
+            n += 1
+    return n
 
 
 def prepack_cpu(model: nn.Module) -> int:
@@ -69,6 +90,8 @@ def prepack_cpu(model: nn.Module) -> int:
 
 
 class _Linear(nn.Module):
+    gemv = False                    # batch-1 matmuls through engine/gemv.py (enable_gemv)
+
     def __init__(self, out_features: int, in_features: int, bias: bool, comm: Comm, dtype, device):
         super().__init__()
         self.comm = comm
@@ -165,7 +188,7 @@ class RowParallelLinear(_Linear):
 
     def forward(self, x):
         symm = self.comm.symm                    # CUDA one-shot path: matmul into the shared buffer
-        y = symm.linear_all_reduce(x, self.weight) if symm is not None and self.packed is None else None
+        y = symm.linear_all_reduce(x, self.weight, self.gemv) if symm is not None and self.packed is None else None
         if y is None:
             y = _matmul(self, x)
             self.comm.all_reduce(y)
@@ -181,7 +204,8 @@ class RowParallelLinear(_Linear):
         symm = self.comm.symm
         if symm is not None and symm.fused and self.packed is None and self.bias is None \
                 and self.fuse_region is not None:
-            got = symm.linear_add_rms_norm(x, self.weight, residual, norm.weight, norm.eps, self.fuse_region)
+            got = symm.linear_add_rms_norm(x, self.weight, residual, norm.weight, norm.eps, self.fuse_region,
+                                           self.gemv)
             if got is not None:
                 return got
         return ops.add_rms_norm(self.forward(x), residual, norm.weight, norm.eps)
@@ -219,6 +243,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     With tied embeddings the model points `weight` at the embedding's (same shard layout)."""
 
     packed = None
+    gemv = False
 
     def forward(self, x):                         # x: [S, hidden] -> logits [S, vocab] on rank 0
         logits = _matmul(self, x)

@@ -89,6 +89,10 @@ class ModelRunner:
         self._tokens = StepTokens(self.device) if comm.rank == 0 else None
         comm.logits_everywhere = config.overlap_enabled   # every rank takes the argmax (device_greedy)
         self.decode_kernels = self._decode_kernels(config, cls)
+        if self.decode_kernels:
+            from services.inference.engine.layers import enable_gemv
+
+            enable_gemv(self.model)         # batch-1 linear layers: Triton GEMV (engine/gemv.py)
         self.graphs = None
         if self.device.type == "cuda" and config.compile_kernels:
             from services.inference.engine import ops
