@@ -11,8 +11,13 @@ No exit barrier: the two call sites of a layer (after attention, after the MLP) 
 regions, so a rank can only overwrite a region after its peer has signalled the next all-reduce,
 i.e. after that peer has finished reading the region. Between two uses of one region there is
 always the other region's all-reduce or a collective that synchronises (NCCL, torch's one-shot).
-Flags are a per-row slot in the tail of the buffer: set 0 -> 1 by the sender (spinning while a
-previous signal is still unconsumed), reset 1 -> 0 by the receiver, at system scope.
+Flags are per-row call numbers in the tail of the buffer ([row, sender] int32 slots on the receiver;
+a rank's own slot holds its count of calls for that row). Each call, a rank writes its new count
+into its slot on every peer (a system-scope release exchange whose result is not waited for: no
+NVLink round trip) and waits until each peer's slot on its own buffer has reached that count
+(acquire loads of local memory). Counts only grow, so a peer that is already one call ahead is
+fine (its next partial goes to the other region), and nothing is reset. Session 3's protocol
+(compare-and-swap 0 -> 1 on the peer, 1 -> 0 by the receiver) waited for a remote round trip.
 """
 from __future__ import annotations
 
@@ -56,32 +61,39 @@ def _kernel():
                                RANK: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         dt = res.dtype.element_ty
+        offs = tl.arange(0, BLOCK)
+        m = offs < hidden
+        # Local reads first: they overlap the wait for the peers.
+        own = tl.load(pick(RANK, p0, p1, p2, p3, p4, p5, p6, p7) + row * hidden + offs, mask=m, other=0.0)
+        res_in = tl.load(res + row * hidden + offs, mask=m, other=0.0).to(tl.float32)
+        w_in = tl.load(w + offs, mask=m, other=0.0).to(tl.float32)
         if W > 1:
+            mine = tl.load(ptrs + RANK).to(tl.pointer_type(tl.int32)) + flags_off + row * W
+            seq = tl.load(mine + RANK) + 1        # this row's call number (own slot: no peer writes it)
             for r in tl.static_range(W):          # tell each peer our partial of this row is written
                 if r != RANK:
                     flag = tl.load(ptrs + r).to(tl.pointer_type(tl.int32)) + flags_off + row * W + RANK
-                    old = tl.atomic_cas(flag, 0, 1, sem="release", scope="sys")
-                    while old != 0:
-                        old = tl.atomic_cas(flag, 0, 1, sem="release", scope="sys")
-            mine = tl.load(ptrs + RANK).to(tl.pointer_type(tl.int32)) + flags_off + row * W
-            for r in tl.static_range(W):          # wait until each peer's partial is written
+                    tl.atomic_xchg(flag, seq, sem="release", scope="sys")   # result unused: no round trip
+            for r in tl.static_range(W):          # wait until each peer has reached this call
                 if r != RANK:
-                    old = tl.atomic_cas(mine + r, 1, 0, sem="acquire", scope="sys")
-                    while old != 1:
-                        old = tl.atomic_cas(mine + r, 1, 0, sem="acquire", scope="sys")
+                    got = tl.atomic_add(mine + r, 0, sem="acquire", scope="sys")
+                    while got - seq < 0:          # int32 difference: correct across wrap-around
+                        got = tl.atomic_add(mine + r, 0, sem="acquire", scope="sys")
+            tl.store(mine + RANK, seq)
             tl.debug_barrier()
-        offs = tl.arange(0, BLOCK)
-        m = offs < hidden
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for r in tl.static_range(W):              # sum of partials [hidden], same order on every rank
-            part = pick(r, p0, p1, p2, p3, p4, p5, p6, p7) + row * hidden    # rank r's partials [N, H]
-            acc += tl.load(part + offs, mask=m, other=0.0, cache_modifier=".cv").to(tl.float32)
+            if r == RANK:
+                acc += own.to(tl.float32)
+            else:
+                part = pick(r, p0, p1, p2, p3, p4, p5, p6, p7) + row * hidden    # rank r's partials [N, H]
+                acc += tl.load(part + offs, mask=m, other=0.0, cache_modifier=".cv").to(tl.float32)
         x = acc.to(dt).to(tl.float32)                                       # the all-reduce result
-        r_new = (tl.load(res + row * hidden + offs, mask=m, other=0.0).to(tl.float32) + x).to(dt)
+        r_new = (res_in + x).to(dt)
         rf = r_new.to(tl.float32)
         var = tl.sum(rf * rf, axis=0) / hidden
         normed = (rf * tl.rsqrt(var + eps)).to(dt).to(tl.float32)
-        y = (tl.load(w + offs, mask=m, other=0.0).to(tl.float32) * normed).to(dt)
+        y = (w_in * normed).to(dt)
         tl.store(res_out + row * hidden + offs, r_new, mask=m)
         tl.store(out + row * hidden + offs, y, mask=m)
 
