@@ -259,6 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     import os
 
+    from privlm.config import cache_dir
+
+    # Triton kernels (CUDA decode path) compile on first use: keep them with the deployment's cache
+    # rather than the service account's home directory; inherited by locally spawned ranks.
+    os.environ.setdefault("TRITON_CACHE_DIR", str(cache_dir() / "triton"))
     engine_cfg = engine_config_from_args(args)
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:   # launched by torchrun / the deepspeed launcher: followers run the step loop only

@@ -5,8 +5,18 @@
 // machine). This runs the very same ATen ops in the same order as the Python path (models/llama.py,
 // engine/ops.py, engine/attention.py), so results are bit-identical; only the interpreter is gone.
 // Scope: pure decode steps (no prefill chunk), tensor parallelism 1.
+//
+// Batch 1 (the slot-range layout) goes further: the residual add + RMSNorm, RoPE + KV-cache write +
+// attention and SiLU-mul of each layer are plain loops here (decode_b1) instead of ~35 ATen calls
+// of 1-10 us on a 576-wide row. Same formulas and the same per-op roundings to the model dtype; the
+// fp32 reductions (norm variance, q.k, p.v, softmax sum) are summed in this file's order, so the
+// result differs from the ATen path in the last bits (tests/inference/test_cpu_decode.py bounds it
+// and checks that greedy tokens agree).
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <cmath>
+#include <vector>
 
 namespace {
 
@@ -32,6 +42,124 @@ std::optional<at::Tensor> opt(const at::Tensor& t) {
   return t.numel() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
+// ---- batch 1 ---------------------------------------------------------------------------------
+// Row helpers over contiguous buffers; T is float, c10::BFloat16 or c10::Half, whose arithmetic
+// operators compute in float and round to T, like an ATen op on T tensors.
+
+// Sum of a[i] * b[i] in fp32 with 8 independent partial sums (vectorisable; a fixed order).
+template <typename A, typename B>
+inline float dot(const A* a, const B* b, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += static_cast<float>(a[i + j]) * static_cast<float>(b[i + j]);
+  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; i < n; ++i) s += static_cast<float>(a[i]) * static_cast<float>(b[i]);
+  return s;
+}
+
+// residual += x (when x), out = w * T(rms_norm(float(residual))): ops.add_rms_norm / rms_norm.
+template <typename T>
+void add_rms_norm_row(T* residual, const T* x, const T* w, T* out, int64_t n, double eps) {
+  if (x != nullptr)
+    for (int64_t i = 0; i < n; ++i) residual[i] = residual[i] + x[i];
+  const float inv = 1.0f / std::sqrt(dot(residual, residual, n) / static_cast<float>(n) + static_cast<float>(eps));
+  for (int64_t i = 0; i < n; ++i) out[i] = w[i] * static_cast<T>(static_cast<float>(residual[i]) * inv);
+}
+
+// qkv [(Hq + 2 Hkv) D] -> o [Hq D]: RoPE on q and k (ops.rope: x * cos + roll(x, half) * sin with
+// rotate_half's sign in sin), k and v written at `slot` of the layer's cache [2 Hkv, slots, D], then
+// softmax(q.K^T * scale) V over positions [a, a + L) in fp32 (attention.py at batch 1).
+template <typename T>
+void attend_row(const T* qkv, const T* cos, const T* sin, T* cache, int64_t slots, int64_t slot, int64_t a,
+                int64_t L, int64_t hq, int64_t hkv, int64_t d, int64_t half, float scale, T* o) {
+  std::vector<float> q(hq * d);
+  auto rope = [&](const T* x, int64_t j) {
+    const T r = x[(j - half + d) % d];
+    const T p1 = x[j] * cos[j], p2 = r * sin[j];
+    return static_cast<T>(p1 + p2);
+  };
+  for (int64_t h = 0; h < hq; ++h)
+    for (int64_t j = 0; j < d; ++j) q[h * d + j] = static_cast<float>(rope(qkv + h * d, j));
+  for (int64_t h = 0; h < hkv; ++h) {
+    T* kdst = cache + (h * slots + slot) * d;
+    T* vdst = cache + ((hkv + h) * slots + slot) * d;
+    const T* k = qkv + (hq + h) * d;
+    const T* v = qkv + (hq + hkv + h) * d;
+    for (int64_t j = 0; j < d; ++j) kdst[j] = rope(k, j);
+    for (int64_t j = 0; j < d; ++j) vdst[j] = v[j];
+  }
+  const int64_t g = hq / hkv;
+  at::parallel_for(0, hq, L >= 1024 ? 1 : hq, [&](int64_t h0, int64_t h1) {
+    std::vector<float> s(L), acc(d);
+    for (int64_t h = h0; h < h1; ++h) {
+      const T* K = cache + ((h / g) * slots + a) * d;            // [L, D]
+      const T* V = cache + ((hkv + h / g) * slots + a) * d;
+      float mx = -INFINITY;
+      for (int64_t l = 0; l < L; ++l) {
+        s[l] = dot(q.data() + h * d, K + l * d, d) * scale;
+        mx = std::max(mx, s[l]);
+      }
+      float sum = 0.f;
+      for (int64_t l = 0; l < L; ++l) sum += (s[l] = std::exp(s[l] - mx));
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t l = 0; l < L; ++l) {
+        const float p = s[l] / sum;
+        const T* vr = V + l * d;
+        for (int64_t j = 0; j < d; ++j) acc[j] += p * static_cast<float>(vr[j]);
+      }
+      for (int64_t j = 0; j < d; ++j) o[h * d + j] = static_cast<T>(acc[j]);
+    }
+  });
+}
+
+// out = T(silu(gate)) * up over [I] (ops.silu_mul).
+template <typename T>
+void silu_mul_row(const T* gu, int64_t inter, T* out) {
+  for (int64_t i = 0; i < inter; ++i) {
+    const float g = static_cast<float>(gu[i]);
+    out[i] = static_cast<T>(g / (1.0f + std::exp(-g))) * gu[inter + i];
+  }
+}
+
+// decode() for B == 1 with the context at slots [ctx_start, ctx_start + ctx_len) (the new token's
+// slot included): the GEMVs stay ATen/oneDNN calls, everything between them is the loops above.
+template <typename T>
+at::Tensor decode_b1(at::Tensor residual, const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& biases,
+                     const at::Tensor& norm_w, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& caches,
+                     int64_t slot, int64_t ctx_start, int64_t ctx_len, int64_t hq, int64_t hkv, int64_t d,
+                     int64_t inter, int64_t half, double eps, double scale, bool packed) {
+  const int64_t layers = caches.size(0), hidden = residual.size(1), slots = caches.size(2);
+  residual = residual.contiguous().clone();                      // [1, H], updated in place below
+  auto h = at::empty_like(residual);
+  auto o = at::empty({1, hq * d}, residual.options());
+  auto m = at::empty({1, inter}, residual.options());
+  const auto c = cos.contiguous(), sn = sin.contiguous();
+  T* res = residual.data_ptr<T>();
+  at::Tensor x;                                                  // the previous layer's MLP output
+  for (int64_t i = 0; i < layers; ++i) {
+    const at::Tensor* w = &weights[6 * i];
+    const at::Tensor* bias = &biases[4 * i];
+    add_rms_norm_row(res, x.defined() ? x.data_ptr<T>() : nullptr, w[0].data_ptr<T>(), h.data_ptr<T>(), hidden, eps);
+    auto qkv = linear(h, w[1], opt(bias[0]), packed).contiguous();   // [1, (Hq + 2 Hkv) D]
+    auto cache = caches[i];
+    attend_row(qkv.data_ptr<T>(), c.data_ptr<T>(), sn.data_ptr<T>(), cache.data_ptr<T>(), slots, slot, ctx_start,
+               ctx_len, hq, hkv, d, half, static_cast<float>(scale), o.data_ptr<T>());
+    auto a = linear(o, w[2], std::nullopt, packed);              // [1, H]
+    if (bias[1].numel()) a = a + bias[1];
+    a = a.contiguous();
+    add_rms_norm_row(res, a.data_ptr<T>(), w[3].data_ptr<T>(), h.data_ptr<T>(), hidden, eps);
+    auto gu = linear(h, w[4], opt(bias[2]), packed).contiguous();    // [1, 2 I]
+    silu_mul_row(gu.data_ptr<T>(), inter, m.data_ptr<T>());
+    x = linear(m, w[5], std::nullopt, packed);
+    if (bias[3].numel()) x = x + bias[3];
+    x = x.contiguous();
+  }
+  auto out = at::empty_like(residual);
+  add_rms_norm_row(res, x.data_ptr<T>(), norm_w.data_ptr<T>(), out.data_ptr<T>(), hidden, eps);
+  return out;
+}
+
 }  // namespace
 
 // One decode step of B sequences (one new token each). residual: [B, H] embeddings. Per layer i,
@@ -45,9 +173,17 @@ at::Tensor decode(at::Tensor residual, const std::vector<at::Tensor>& weights, c
                   const at::Tensor& norm_w, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& caches,
                   const at::Tensor& slots, int64_t ctx_start, int64_t ctx_len, const at::Tensor& blocks,
                   const at::Tensor& block_mask, int64_t block_size, int64_t hq, int64_t hkv, int64_t d,
-                  int64_t inter, int64_t half, double eps, double scale, bool packed) {
+                  int64_t inter, int64_t half, double eps, double scale, bool packed, bool fast_b1) {
   at::NoGradGuard no_grad;
   const int64_t layers = caches.size(0), g = hq / hkv, b = residual.size(0);
+  if (b == 1 && blocks.numel() == 0 && caches.is_contiguous() && fast_b1) {
+    at::Tensor out;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, residual.scalar_type(), "decode_b1", [&] {
+      out = decode_b1<scalar_t>(residual, weights, biases, norm_w, cos, sin, caches, slots.item<int64_t>(), ctx_start,
+                                ctx_len, hq, hkv, d, inter, half, eps, scale, packed);
+    });
+    return out;
+  }
   at::Tensor x, h;
   for (int64_t i = 0; i < layers; ++i) {
     const at::Tensor* w = &weights[6 * i];
