@@ -1,6 +1,6 @@
 """The fused CPU decode (one C++ call per decode step) against the per-op Python path, on the default
-model and a tiny Qwen2 (q/k/v biases): with the ATen ops (fast_b1 off) the logits are bit-identical
-at every step, fp32 and bf16, batch 1 and batched; the batch-1 loops (fast_b1, the default) give the
+model and a tiny Qwen2 (q/k/v biases): with the ATen ops (loops off) the logits are bit-identical
+at every step, fp32 and bf16, batch 1 and batched; at batch 1 the loops (the default) give the
 same logits up to fp32 summation order (fp32: 1e-5 relative, same greedy tokens; bf16: rounding-level)
 and really replace the small ops (no attention matmul in the profile)."""
 from __future__ import annotations
@@ -41,16 +41,16 @@ def _rel(a, b) -> float:
 def test_fused_equals_python_path(default_model, dtype):
     runner = ModelRunner(EngineConfig(model=str(default_model), dtype=dtype, threads=1, num_kv_blocks=16), Comm())
     fd = runner.model.fused_decode
-    assert fd is not None and fd.fast_b1
+    assert fd is not None and fd.loops
     prompt = [1, 504, 3458, 282, 253, 1345, 30]
     fast, fast_tokens = _logits(runner, prompt, 6)
-    fd.fast_b1 = False
+    fd.loops = False
     aten, _ = _logits(runner, prompt, 6)
     runner.model.fused_decode = None
     plain, plain_tokens = _logits(runner, prompt, 6)
     for a, b in zip(aten, plain):
         assert torch.equal(a, b)
-    runner.model.fused_decode, fd.fast_b1 = fd, True
+    runner.model.fused_decode, fd.loops = fd, True
     fast_same_inputs, _ = _logits(runner, prompt, 6, plain_tokens)
     for a, b in zip(fast_same_inputs, plain):
         assert _rel(a, b) < (1e-5 if dtype == "float32" else 3e-2)
@@ -66,7 +66,7 @@ def test_batch1_loops_replace_the_small_ops(default_model):
     blocks, names = tuple(range(8)), {}
     runner.execute(StepPlan((Chunk(0, (1, 504, 3458, 282), 0, blocks, True),), 0))     # prefill: Python path
     for pos, fast in ((4, True), (5, False)):
-        fd.fast_b1 = fast
+        fd.loops = fast
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             runner.execute(StepPlan((Chunk(0, (30,), pos, blocks, True),), 1))
         names[fast] = {e.key for e in prof.key_averages()}
@@ -85,20 +85,20 @@ def test_fused_batched_decode_equals_python_path(default_model, dtype):
         outs, toks, pos = [], [], []
         for i, p in enumerate(prompts):
             lg = runner.execute(StepPlan((Chunk(i, tuple(p), 0, tables[i], True),), 0))
-            toks.append(int(lg[-1].argmax()))
+            toks.append(int(lg[-1].float().argmax()))
             pos.append(len(p))
         for _ in range(5):
             plan = StepPlan(tuple(Chunk(i, (toks[i],), pos[i], tables[i], True) for i in range(3)), 3)
             lg = runner.execute(plan)
             outs.append(lg.clone())
-            toks = [int(t) for t in lg.argmax(-1)]
+            toks = [int(t) for t in lg.float().argmax(-1)]
             pos = [x + 1 for x in pos]
         return outs
 
-    fused = run()                      # batch > 1: the ATen ops in C++ (fast_b1 is batch 1 only)
+    fused = run()                      # batched: the ATen ops in C++ (the loops are batch 1 only)
     runner.model.fused_decode, keep = None, runner.model.fused_decode
     plain = run()
-    assert keep is not None and all(torch.equal(a, b) for a, b in zip(fused, plain))
+    assert keep is not None and keep.loops and all(torch.equal(a, b) for a, b in zip(fused, plain))
 
 
 def test_fused_with_qkv_bias(tmp_path):
@@ -109,7 +109,7 @@ def test_fused_with_qkv_bias(tmp_path):
     assert runner.model.fused_decode is not None and runner.model.model.layers[0].self_attn.qkv_proj.bias is not None
     fd = runner.model.fused_decode
     fast, fast_tokens = _logits(runner, [1, 5, 9, 33], 5)
-    fd.fast_b1 = False
+    fd.loops = False
     aten, _ = _logits(runner, [1, 5, 9, 33], 5)
     runner.model.fused_decode = None
     plain, plain_tokens = _logits(runner, [1, 5, 9, 33], 5)

@@ -2,8 +2,8 @@
 
 The extension runs the same ATen ops in the same order as the Python path, so results are
 bit-identical (tests/inference/test_cpu_decode.py checks it); it removes ~2 us of interpreter
-overhead from each of ~240 ops of a step. At batch 1 it also replaces the ~35 small ATen calls
-between a layer's GEMVs with loops (`fast_b1`): same formulas and roundings, fp32 sums in its own
+overhead from each of ~240 ops of a step. At batch 1, `loops` (default) also replaces the small
+ATen calls between a layer's GEMVs with loops: same formulas and roundings, fp32 sums in its own
 order, so last-bit differences from the Python path (bounded by the tests, greedy tokens agree). It is built on first use with the system C++ compiler
 into .cache/torch_extensions (~25 s, once; `make model` does it). Without a compiler, or if the build fails,
 the engine logs that and keeps the Python path: only speed differs.
@@ -59,7 +59,7 @@ def _clear_stale_lock(lock: Path, max_age_s: float = 600.0) -> None:
 class FusedDecode:
     """Holds the per-layer weight lists of a LlamaForCausalLM (tp = 1) for the extension's decode()."""
 
-    fast_b1 = True       # batch 1: norms, RoPE/KV write/attention, SiLU-mul as loops (decode_cpu.cpp)
+    loops = True         # batch 1: norms, RoPE + KV write, attention, SiLU-mul as loops (decode_cpu.cpp)
 
     def __init__(self, model, ext):
         self.ext, self.model = ext, model
@@ -101,7 +101,7 @@ class FusedDecode:
         mask = meta.decode_block_mask if meta.decode_range is None else self.empty
         return self.ext.decode(residual, self.weights, self.biases, m.model.norm.weight, cos, sin, caches,
                                meta.slot_mapping, a, e - a, blocks, mask, meta.block_size, self.hq, self.hkv,
-                               self.d, self.inter, m.rope.half, self.eps, self.scale, self.packed, self.fast_b1)
+                               self.d, self.inter, m.rope.half, self.eps, self.scale, self.packed, self.loops)
 
 
 if __name__ == "__main__":            # `make model` builds it ahead of the first worker

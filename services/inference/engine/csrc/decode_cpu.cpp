@@ -6,12 +6,13 @@
 // engine/ops.py, engine/attention.py), so results are bit-identical; only the interpreter is gone.
 // Scope: pure decode steps (no prefill chunk), tensor parallelism 1.
 //
-// Batch 1 (the slot-range layout) goes further: the residual add + RMSNorm, RoPE + KV-cache write +
-// attention and SiLU-mul of each layer are plain loops here (decode_b1) instead of ~35 ATen calls
-// of 1-10 us on a 576-wide row. Same formulas and the same per-op roundings to the model dtype; the
-// fp32 reductions (norm variance, q.k, p.v, softmax sum) are summed in this file's order, so the
-// result differs from the ATen path in the last bits (tests/inference/test_cpu_decode.py bounds it
-// and checks that greedy tokens agree).
+// With `loops` (the default), batch 1 with a slot-range context goes further: residual add +
+// RMSNorm, RoPE + KV-cache write, attention and SiLU-mul are plain loops (decode_loops) instead of
+// ~35 ATen calls of 1-10 us on 576-wide rows. Same formulas and per-op roundings to the model dtype;
+// the fp32 reductions (norm variance, q.k, p.v, softmax sum) are summed in this file's order, so
+// results differ from the ATen path in the last bits (tests/inference/test_cpu_decode.py bounds it
+// and checks that greedy tokens agree). Batched steps keep the ATen ops, bit-identical to Python:
+// at 16 rows the loops measured no faster (the small ops are no longer call-bound there).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -42,7 +43,39 @@ std::optional<at::Tensor> opt(const at::Tensor& t) {
   return t.numel() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
-// ---- batch 1 ---------------------------------------------------------------------------------
+// ---- shared by both paths ---------------------------------------------------------------------
+
+// Attention of B single queries q [B, Hq, D] (model dtype) over the layer's cache [2 Hkv, slots, D]
+// (new tokens already written): LlamaAttention.core -> paged_attention -> decode_attention. Context:
+// with `blocks` empty, B == 1 and slots [ctx_start, ctx_start + ctx_len); else the block-gather
+// layout. Returns [B, Hq * D].
+at::Tensor attention_aten(const at::Tensor& q, const at::Tensor& cache, int64_t ctx_start, int64_t ctx_len,
+                          const at::Tensor& blocks, const at::Tensor& block_mask, int64_t block_size, int64_t hq,
+                          int64_t hkv, int64_t d, double scale) {
+  const int64_t b = q.size(0), g = hq / hkv;
+  at::Tensor kv, mask;
+  int64_t lctx = ctx_len;
+  if (blocks.numel() == 0) {
+    kv = cache.slice(1, ctx_start, ctx_start + ctx_len);              // [2 Hkv, L, D] (a view, B == 1)
+  } else {
+    kv = cache.view({-1, block_size * d}).index_select(0, blocks).view({2 * hkv, -1, block_size * d});
+    lctx = kv.size(1) / b * block_size;
+    kv = kv.view({2 * hkv, b * lctx, d});
+    mask = block_mask.view({1, b, 1, lctx});
+  }
+  auto qq = q.view({b, hkv, g, d}).transpose(0, 1);                   // [Hkv, B, G, D]
+  if (b == 1) {                                                        // fp32 at batch 1 (attention.py)
+    kv = kv.to(at::kFloat);
+    qq = qq.to(at::kFloat);
+  }
+  auto kk = kv.slice(0, 0, hkv).view({hkv, b, lctx, d}), vv = kv.slice(0, hkv).view({hkv, b, lctx, d});
+  auto s = at::matmul(qq, kk.transpose(-1, -2)).to(at::kFloat) * scale;   // [Hkv, B, G, L]
+  if (mask.defined()) s = s + mask;
+  auto p = at::softmax(s, -1).to(qq.scalar_type());                   // ops.attn_softmax
+  return at::matmul(p, vv).transpose(0, 1).reshape({b, hq * d}).to(q.scalar_type());
+}
+
+// ---- loops -------------------------------------------------------------------------------------
 // Row helpers over contiguous buffers; T is float, c10::BFloat16 or c10::Half, whose arithmetic
 // operators compute in float and round to T, like an ATen op on T tensors.
 
@@ -58,46 +91,58 @@ inline float dot(const A* a, const B* b, int64_t n) {
   return s;
 }
 
-// residual += x (when x), out = w * T(rms_norm(float(residual))): ops.add_rms_norm / rms_norm.
+// Per row of [B, n]: residual += x (when x), out = w * T(rms_norm(float(residual))):
+// ops.add_rms_norm / rms_norm.
 template <typename T>
-void add_rms_norm_row(T* residual, const T* x, const T* w, T* out, int64_t n, double eps) {
-  if (x != nullptr)
-    for (int64_t i = 0; i < n; ++i) residual[i] = residual[i] + x[i];
-  const float inv = 1.0f / std::sqrt(dot(residual, residual, n) / static_cast<float>(n) + static_cast<float>(eps));
-  for (int64_t i = 0; i < n; ++i) out[i] = w[i] * static_cast<T>(static_cast<float>(residual[i]) * inv);
+void add_rms_norm_rows(T* residual, const T* x, const T* w, T* out, int64_t rows, int64_t n, double eps) {
+  for (int64_t r = 0; r < rows; ++r, residual += n, out += n) {
+    if (x != nullptr) {
+      for (int64_t i = 0; i < n; ++i) residual[i] = residual[i] + x[i];
+      x += n;
+    }
+    const float inv = 1.0f / std::sqrt(dot(residual, residual, n) / static_cast<float>(n) + static_cast<float>(eps));
+    for (int64_t i = 0; i < n; ++i) out[i] = w[i] * static_cast<T>(static_cast<float>(residual[i]) * inv);
+  }
 }
 
-// qkv [(Hq + 2 Hkv) D] -> o [Hq D]: RoPE on q and k (ops.rope: x * cos + roll(x, half) * sin with
-// rotate_half's sign in sin), k and v written at `slot` of the layer's cache [2 Hkv, slots, D], then
-// softmax(q.K^T * scale) V over positions [a, a + L) in fp32 (attention.py at batch 1).
+// Per row r of qkv [B, (Hq + 2 Hkv) D]: RoPE on q and k (ops.rope: x * cos + roll(x, half) * sin,
+// rotate_half's sign in sin; cos/sin [B, D]), q into q_out [B, Hq, D], k and v written at slots[r]
+// of the layer's cache [2 Hkv, slots, D].
 template <typename T>
-void attend_row(const T* qkv, const T* cos, const T* sin, T* cache, int64_t slots, int64_t slot, int64_t a,
-                int64_t L, int64_t hq, int64_t hkv, int64_t d, int64_t half, float scale, T* o) {
-  std::vector<float> q(hq * d);
-  auto rope = [&](const T* x, int64_t j) {
-    const T r = x[(j - half + d) % d];
-    const T p1 = x[j] * cos[j], p2 = r * sin[j];
-    return static_cast<T>(p1 + p2);
-  };
-  for (int64_t h = 0; h < hq; ++h)
-    for (int64_t j = 0; j < d; ++j) q[h * d + j] = static_cast<float>(rope(qkv + h * d, j));
-  for (int64_t h = 0; h < hkv; ++h) {
-    T* kdst = cache + (h * slots + slot) * d;
-    T* vdst = cache + ((hkv + h) * slots + slot) * d;
-    const T* k = qkv + (hq + h) * d;
-    const T* v = qkv + (hq + hkv + h) * d;
-    for (int64_t j = 0; j < d; ++j) kdst[j] = rope(k, j);
-    for (int64_t j = 0; j < d; ++j) vdst[j] = v[j];
+void rope_write_rows(const T* qkv, const T* cos, const T* sin, const int64_t* slot, T* cache, int64_t nslots,
+                     int64_t rows, int64_t hq, int64_t hkv, int64_t d, int64_t half, T* q_out) {
+  const int64_t width = (hq + 2 * hkv) * d;
+  for (int64_t r = 0; r < rows; ++r, qkv += width, cos += d, sin += d, q_out += hq * d) {
+    auto rope = [&](const T* x, int64_t j) {
+      const T p1 = x[j] * cos[j], p2 = x[(j - half + d) % d] * sin[j];
+      return static_cast<T>(p1 + p2);
+    };
+    for (int64_t h = 0; h < hq; ++h)
+      for (int64_t j = 0; j < d; ++j) q_out[h * d + j] = rope(qkv + h * d, j);
+    for (int64_t h = 0; h < hkv; ++h) {
+      T* kdst = cache + (h * nslots + slot[r]) * d;
+      T* vdst = cache + ((hkv + h) * nslots + slot[r]) * d;
+      for (int64_t j = 0; j < d; ++j) kdst[j] = rope(qkv + (hq + h) * d, j);
+      for (int64_t j = 0; j < d; ++j) vdst[j] = qkv[(hq + hkv + h) * d + j];
+    }
   }
+}
+
+// Batch 1, context slots [a, a + L) of cache [2 Hkv, slots, D]: o [Hq D] = softmax(q.K^T * scale) V
+// in fp32 (attention.py at batch 1), q [Hq, D] in the model dtype.
+template <typename T>
+void attention_row(const T* q, const T* cache, int64_t nslots, int64_t a, int64_t L, int64_t hq, int64_t hkv,
+                   int64_t d, float scale, T* o) {
   const int64_t g = hq / hkv;
   at::parallel_for(0, hq, L >= 1024 ? 1 : hq, [&](int64_t h0, int64_t h1) {
-    std::vector<float> s(L), acc(d);
+    std::vector<float> s(L), acc(d), qf(d);
     for (int64_t h = h0; h < h1; ++h) {
-      const T* K = cache + ((h / g) * slots + a) * d;            // [L, D]
-      const T* V = cache + ((hkv + h / g) * slots + a) * d;
+      const T* K = cache + ((h / g) * nslots + a) * d;           // [L, D]
+      const T* V = cache + ((hkv + h / g) * nslots + a) * d;
+      for (int64_t j = 0; j < d; ++j) qf[j] = static_cast<float>(q[h * d + j]);
       float mx = -INFINITY;
       for (int64_t l = 0; l < L; ++l) {
-        s[l] = dot(q.data() + h * d, K + l * d, d) * scale;
+        s[l] = dot(qf.data(), K + l * d, d) * scale;
         mx = std::max(mx, s[l]);
       }
       float sum = 0.f;
@@ -122,41 +167,47 @@ void silu_mul_row(const T* gu, int64_t inter, T* out) {
   }
 }
 
-// decode() for B == 1 with the context at slots [ctx_start, ctx_start + ctx_len) (the new token's
+// decode() with `loops`, batch 1, context at slots [ctx_start, ctx_start + ctx_len) (the new token's
 // slot included): the GEMVs stay ATen/oneDNN calls, everything between them is the loops above.
 template <typename T>
-at::Tensor decode_b1(at::Tensor residual, const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& biases,
-                     const at::Tensor& norm_w, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& caches,
-                     int64_t slot, int64_t ctx_start, int64_t ctx_len, int64_t hq, int64_t hkv, int64_t d,
-                     int64_t inter, int64_t half, double eps, double scale, bool packed) {
-  const int64_t layers = caches.size(0), hidden = residual.size(1), slots = caches.size(2);
-  residual = residual.contiguous().clone();                      // [1, H], updated in place below
+at::Tensor decode_loops(at::Tensor residual, const std::vector<at::Tensor>& weights,
+                        const std::vector<at::Tensor>& biases, const at::Tensor& norm_w, const at::Tensor& cos,
+                        const at::Tensor& sin, const at::Tensor& caches, const at::Tensor& slots, int64_t ctx_start,
+                        int64_t ctx_len, int64_t hq, int64_t hkv, int64_t d, int64_t inter, int64_t half, double eps,
+                        double scale, bool packed) {
+  const int64_t layers = caches.size(0), b = 1, hidden = residual.size(1), nslots = caches.size(2);
+  residual = residual.contiguous().clone();                      // [B, H], updated in place below
   auto h = at::empty_like(residual);
-  auto o = at::empty({1, hq * d}, residual.options());
-  auto m = at::empty({1, inter}, residual.options());
-  const auto c = cos.contiguous(), sn = sin.contiguous();
+  auto q = at::empty({b, hq, d}, residual.options());
+  auto o = at::empty({b, hq * d}, residual.options());
+  auto m = at::empty({b, inter}, residual.options());
+  const auto c = cos.contiguous(), sn = sin.contiguous();       // [B, 1, D]
+  const auto sl = slots.to(at::kLong).contiguous();
   T* res = residual.data_ptr<T>();
-  at::Tensor x;                                                  // the previous layer's MLP output
+  at::Tensor x;                                                  // the previous layer's MLP output [1, H]
   for (int64_t i = 0; i < layers; ++i) {
     const at::Tensor* w = &weights[6 * i];
     const at::Tensor* bias = &biases[4 * i];
-    add_rms_norm_row(res, x.defined() ? x.data_ptr<T>() : nullptr, w[0].data_ptr<T>(), h.data_ptr<T>(), hidden, eps);
-    auto qkv = linear(h, w[1], opt(bias[0]), packed).contiguous();   // [1, (Hq + 2 Hkv) D]
+    add_rms_norm_rows(res, x.defined() ? x.data_ptr<T>() : nullptr, w[0].data_ptr<T>(), h.data_ptr<T>(), b, hidden,
+                      eps);
+    auto qkv = linear(h, w[1], opt(bias[0]), packed).contiguous();   // [B, (Hq + 2 Hkv) D]
     auto cache = caches[i];
-    attend_row(qkv.data_ptr<T>(), c.data_ptr<T>(), sn.data_ptr<T>(), cache.data_ptr<T>(), slots, slot, ctx_start,
-               ctx_len, hq, hkv, d, half, static_cast<float>(scale), o.data_ptr<T>());
-    auto a = linear(o, w[2], std::nullopt, packed);              // [1, H]
+    rope_write_rows(qkv.data_ptr<T>(), c.data_ptr<T>(), sn.data_ptr<T>(), sl.data_ptr<int64_t>(), cache.data_ptr<T>(),
+                    nslots, b, hq, hkv, d, half, q.data_ptr<T>());
+    attention_row(q.data_ptr<T>(), cache.data_ptr<T>(), nslots, ctx_start, ctx_len, hq, hkv, d,
+                  static_cast<float>(scale), o.data_ptr<T>());
+    auto a = linear(o, w[2], std::nullopt, packed);             // [1, H]
     if (bias[1].numel()) a = a + bias[1];
     a = a.contiguous();
-    add_rms_norm_row(res, a.data_ptr<T>(), w[3].data_ptr<T>(), h.data_ptr<T>(), hidden, eps);
-    auto gu = linear(h, w[4], opt(bias[2]), packed).contiguous();    // [1, 2 I]
+    add_rms_norm_rows(res, a.data_ptr<T>(), w[3].data_ptr<T>(), h.data_ptr<T>(), b, hidden, eps);
+    auto gu = linear(h, w[4], opt(bias[2]), packed).contiguous();    // [B, 2 I]
     silu_mul_row(gu.data_ptr<T>(), inter, m.data_ptr<T>());
     x = linear(m, w[5], std::nullopt, packed);
     if (bias[3].numel()) x = x + bias[3];
     x = x.contiguous();
   }
   auto out = at::empty_like(residual);
-  add_rms_norm_row(res, x.data_ptr<T>(), norm_w.data_ptr<T>(), out.data_ptr<T>(), hidden, eps);
+  add_rms_norm_rows(res, x.data_ptr<T>(), norm_w.data_ptr<T>(), out.data_ptr<T>(), b, hidden, eps);
   return out;
 }
 
@@ -173,17 +224,17 @@ at::Tensor decode(at::Tensor residual, const std::vector<at::Tensor>& weights, c
                   const at::Tensor& norm_w, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& caches,
                   const at::Tensor& slots, int64_t ctx_start, int64_t ctx_len, const at::Tensor& blocks,
                   const at::Tensor& block_mask, int64_t block_size, int64_t hq, int64_t hkv, int64_t d,
-                  int64_t inter, int64_t half, double eps, double scale, bool packed, bool fast_b1) {
+                  int64_t inter, int64_t half, double eps, double scale, bool packed, bool loops) {
   at::NoGradGuard no_grad;
-  const int64_t layers = caches.size(0), g = hq / hkv, b = residual.size(0);
-  if (b == 1 && blocks.numel() == 0 && caches.is_contiguous() && fast_b1) {
+  if (loops && residual.size(0) == 1 && blocks.numel() == 0 && caches.is_contiguous()) {
     at::Tensor out;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, residual.scalar_type(), "decode_b1", [&] {
-      out = decode_b1<scalar_t>(residual, weights, biases, norm_w, cos, sin, caches, slots.item<int64_t>(), ctx_start,
-                                ctx_len, hq, hkv, d, inter, half, eps, scale, packed);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, residual.scalar_type(), "decode_loops", [&] {
+      out = decode_loops<scalar_t>(residual, weights, biases, norm_w, cos, sin, caches, slots, ctx_start, ctx_len,
+                                   hq, hkv, d, inter, half, eps, scale, packed);
     });
     return out;
   }
+  const int64_t layers = caches.size(0), b = residual.size(0);
   at::Tensor x, h;
   for (int64_t i = 0; i < layers; ++i) {
     const at::Tensor* w = &weights[6 * i];
@@ -198,26 +249,7 @@ at::Tensor decode(at::Tensor residual, const std::vector<at::Tensor>& weights, c
     auto v = qkv.slice(1, (hq + hkv) * d).view({b, hkv, d});
     auto cache = caches[i];
     cache.index_copy_(1, slots, at::cat({k, v}, 1).transpose(0, 1));
-    at::Tensor kv, mask;
-    int64_t lctx = ctx_len;
-    if (blocks.numel() == 0) {
-      kv = cache.slice(1, ctx_start, ctx_start + ctx_len);              // [2 Hkv, L, D] (a view, B == 1)
-    } else {
-      kv = cache.view({-1, block_size * d}).index_select(0, blocks).view({2 * hkv, -1, block_size * d});
-      lctx = kv.size(1) / b * block_size;
-      kv = kv.view({2 * hkv, b * lctx, d});
-      mask = block_mask.view({1, b, 1, lctx});
-    }
-    auto qq = q.view({b, hkv, g, d}).transpose(0, 1);                   // [Hkv, B, G, D]
-    if (b == 1) {                                                        // fp32 at batch 1 (attention.py)
-      kv = kv.to(at::kFloat);
-      qq = qq.to(at::kFloat);
-    }
-    auto kk = kv.slice(0, 0, hkv).view({hkv, b, lctx, d}), vv = kv.slice(0, hkv).view({hkv, b, lctx, d});
-    auto s = at::matmul(qq, kk.transpose(-1, -2)).to(at::kFloat) * scale;   // [Hkv, B, G, L]
-    if (mask.defined()) s = s + mask;
-    auto p = at::softmax(s, -1).to(qq.scalar_type());                   // ops.attn_softmax
-    auto o = at::matmul(p, vv).transpose(0, 1).reshape({b, hq * d}).to(q.scalar_type());
+    auto o = attention_aten(q, cache, ctx_start, ctx_len, blocks, block_mask, block_size, hq, hkv, d, scale);
     auto a = linear(o, w[2], std::nullopt, packed);                     // RowParallelLinear, tp = 1
     if (bias[1].numel()) a = a + bias[1];
     residual = residual + a;
