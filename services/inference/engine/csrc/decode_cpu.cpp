@@ -176,12 +176,12 @@ at::Tensor decode_loops(at::Tensor residual, const std::vector<at::Tensor>& weig
                         int64_t ctx_len, int64_t hq, int64_t hkv, int64_t d, int64_t inter, int64_t half, double eps,
                         double scale, bool packed) {
   const int64_t layers = caches.size(0), b = 1, hidden = residual.size(1), nslots = caches.size(2);
-  residual = residual.contiguous().clone();                      // [B, H], updated in place below
+  residual = residual.contiguous().clone();                      // [1, H], updated in place below
   auto h = at::empty_like(residual);
   auto q = at::empty({b, hq, d}, residual.options());
   auto o = at::empty({b, hq * d}, residual.options());
   auto m = at::empty({b, inter}, residual.options());
-  const auto c = cos.contiguous(), sn = sin.contiguous();       // [B, 1, D]
+  const auto c = cos.contiguous(), sn = sin.contiguous();       // [1, 1, D]
   const auto sl = slots.to(at::kLong).contiguous();
   T* res = residual.data_ptr<T>();
   at::Tensor x;                                                  // the previous layer's MLP output [1, H]
@@ -190,7 +190,7 @@ at::Tensor decode_loops(at::Tensor residual, const std::vector<at::Tensor>& weig
     const at::Tensor* bias = &biases[4 * i];
     add_rms_norm_rows(res, x.defined() ? x.data_ptr<T>() : nullptr, w[0].data_ptr<T>(), h.data_ptr<T>(), b, hidden,
                       eps);
-    auto qkv = linear(h, w[1], opt(bias[0]), packed).contiguous();   // [B, (Hq + 2 Hkv) D]
+    auto qkv = linear(h, w[1], opt(bias[0]), packed).contiguous();   // [1, (Hq + 2 Hkv) D]
     auto cache = caches[i];
     rope_write_rows(qkv.data_ptr<T>(), c.data_ptr<T>(), sn.data_ptr<T>(), sl.data_ptr<int64_t>(), cache.data_ptr<T>(),
                     nslots, b, hq, hkv, d, half, q.data_ptr<T>());
@@ -200,7 +200,7 @@ at::Tensor decode_loops(at::Tensor residual, const std::vector<at::Tensor>& weig
     if (bias[1].numel()) a = a + bias[1];
     a = a.contiguous();
     add_rms_norm_rows(res, a.data_ptr<T>(), w[3].data_ptr<T>(), h.data_ptr<T>(), b, hidden, eps);
-    auto gu = linear(h, w[4], opt(bias[2]), packed).contiguous();    // [B, 2 I]
+    auto gu = linear(h, w[4], opt(bias[2]), packed).contiguous();    // [1, 2 I]
     silu_mul_row(gu.data_ptr<T>(), inter, m.data_ptr<T>());
     x = linear(m, w[5], std::nullopt, packed);
     if (bias[3].numel()) x = x + bias[3];
