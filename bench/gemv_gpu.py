@@ -3,8 +3,8 @@
     PYTHONPATH=. python3 bench/gemv_gpu.py            # H100/H200: tile sweep, check, per-step estimate
     PYTHONPATH=. python3 bench/gemv_gpu.py --smoke    # CPU, Triton interpreter, tiny shapes
 
-Each timing is one CUDA graph of calls over several copies of the weight (together > 256 MB, so
-nothing is L2 resident, as in a model), in us per call; bandwidth = weight bytes / time. Prints a
+Each timing is one CUDA graph of 32 calls cycling over copies of the weight (together > 256 MB, so
+nothing is L2 resident, as in a model; bench/triton_ops_gpu.graph_us), in us per call; bandwidth = weight bytes / time. Prints a
 JSON line per shape (best tile config, cuBLAS, ratio, error vs an fp32 reference) and a last line
 with the per-decode-step sums (32 layers + lm_head) at TP=1 and TP=2 shard shapes.
 """
@@ -27,30 +27,6 @@ SHAPES = {          # name -> (M, K) of one rank's weight, Llama-3.1-8B
 GRID = {"block_m": (4, 8, 16, 32), "block_k": (256, 512, 1024), "num_warps": (4, 8), "num_stages": (1, 3)}
 
 
-def graph_us(fns, reps: int = 10) -> float:
-    import torch
-
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
-    g.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        g.replay()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) * 1e3 / reps / len(fns)
-
-
 def main(argv) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true")
@@ -59,6 +35,7 @@ def main(argv) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
 
+    from bench.triton_ops_gpu import graph_us
     from services.inference.engine import gemv as G
 
     if args.smoke:
@@ -77,11 +54,11 @@ def main(argv) -> int:
         x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
         out = torch.empty(1, m, device=dev, dtype=torch.bfloat16)
         ref = (x.float() @ ws[0].float().t())
-        cublas = graph_us([lambda w=w: torch.mm(x, w.t(), out=out) for w in ws])
+        cublas = graph_us([lambda w=w: torch.mm(x, w.t(), out=out) for w in ws], dev)
         rows = []
         for bm, bk, nw, ns in itertools.product(*GRID.values()):
             try:
-                us = graph_us([lambda w=w: G.gemv(x, w, out, bm, bk, nw, ns) for w in ws])
+                us = graph_us([lambda w=w: G.gemv(x, w, out, bm, bk, nw, ns) for w in ws], dev)
             except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
                 rows.append({"cfg": [bm, bk, nw, ns], "error": repr(exc)[:120]})
                 continue
