@@ -42,7 +42,7 @@ def _cases() -> dict:
     # into a slice of a larger buffer (the symmetric-memory paths write there), and the bias add
     buf = torch.full((200,), 7.0)
     x, w, b = torch.randn(1, 32, generator=g), torch.randn(50, 32, generator=g), torch.randn(50, generator=g)
-    layers.mm_out(x, w, buf[10:60].view(1, 50), True)
+    G.mm_out(x, w, buf[10:60].view(1, 50), True)
     out["out_slice"] = {"err": (buf[10:60] - (x @ w.t())[0]).abs().max().item(),
                         "untouched": bool((buf[:10] == 7).all() and (buf[60:] == 7).all())}
     lin = layers._Linear(50, 32, True, layers.Comm(), torch.float32, "cpu")

@@ -78,3 +78,11 @@ def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None, bloc
                                   EVEN=(m % bm == 0 and k % bk == 0),
                                   num_warps=warps, num_stages=num_stages or NUM_STAGES)
     return out
+
+
+def mm_out(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, use_gemv: bool) -> torch.Tensor:
+    """out = x @ w.T (x: [N, K], w: [M, K], out: [N, M] contiguous), by the batch-1 GEMV if asked
+    (the row-parallel matmuls that write into the symmetric buffer)."""
+    if use_gemv and applies(x, w):
+        return gemv(x, w, out)
+    return torch.mm(x, w.t(), out=out)

@@ -58,13 +58,6 @@ def _matmul(module, x, bias=None):
     return F.linear(x, module.weight, bias)
 
 
-def mm_out(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, use_gemv: bool) -> torch.Tensor:
-    """out = x @ w.T (x: [N, K], w: [M, K], out: [N, M] contiguous), by the batch-1 GEMV if asked."""
-    if use_gemv and gemv.applies(x, w):
-        return gemv.gemv(x, w, out)
-    return torch.mm(x, w.t(), out=out)
-
-
 def enable_gemv(model: nn.Module) -> int:
     """Batch-1 matmuls of every linear layer through engine/gemv.py. Returns the layer count."""
     n = 0

@@ -19,6 +19,8 @@ import uuid
 import torch
 import torch.distributed as dist
 
+from services.inference.engine.gemv import mm_out
+
 log = logging.getLogger(__name__)
 
 
@@ -94,8 +96,6 @@ class SymmAllReduce:
     def linear_all_reduce(self, x: torch.Tensor, w: torch.Tensor, use_gemv: bool = False) -> torch.Tensor | None:
         """sum over ranks of x @ w.T, the matmul writing straight into the shared buffer (no copy);
         x: [N, K], w: [M, K] -> [N, M]. None if it does not fit (the caller uses the plain path)."""
-        from services.inference.engine.layers import mm_out
-
         n, m = x.shape[0], w.shape[0]
         if x.dim() != 2 or x.dtype != self.dtype or n * m > self.numel:
             return None
@@ -112,7 +112,6 @@ class SymmAllReduce:
         (0 or 1) must differ between consecutive call sites (the module docstring there says why).
         None if it does not apply (the caller uses the plain path)."""
         from services.inference.engine.fused_all_reduce import MAX_ROWS, ar_add_rms_norm
-        from services.inference.engine.layers import mm_out
 
         n, m = x.shape[0], w.shape[0]
         if not self.fused or x.dim() != 2 or x.dtype != self.dtype or n > MAX_ROWS or n * m > self.numel \
