@@ -72,7 +72,7 @@ def check_tiny() -> bool:
                    [1] + [(i * 37) % 240 + 3 for i in range(244)]]          # crosses a CTX_BUCKET
         refs = [hf_greedy(path, p, 24) for p in prompts]
         ok = True
-        plain = {"decode_kernels": "torch", "fused_all_reduce_norm": False}
+        plain = {"decode_kernels": "torch", "fused_all_reduce_norm": False, "pdl": False}
         runs = [(1, {}), (1, plain)] + ([(2, {}), (2, plain)] if torch.cuda.device_count() >= 2 else [])
         for tp, extra in runs:          # defaults first: only a process's first TP=2 engine gets symmetric memory
             eng = create_engine(EngineConfig(model=str(path), dtype="float32", device="cuda", tp=tp, **extra))
@@ -125,6 +125,7 @@ def _profile_decode(runner) -> None:
 
 TP2_VARIANTS = {                     # label -> EngineConfig overrides; "default" is the shipped config
     "default": {},                                                       # Triton GEMV/attention + fused AR
+    "no_pdl": {"pdl": False},                                            # plain launches (session 4 + gated GEMV)
     "unfused": {"fused_all_reduce_norm": False},                         # one-shot AR, then add + RMSNorm
     "torch_kernels": {"decode_kernels": "torch"},                        # cuBLAS + torch attention
     "torch_unfused": {"decode_kernels": "torch", "fused_all_reduce_norm": False},   # session 3's default
@@ -207,15 +208,17 @@ def tp2_rate(cfg, prompt, n, reps, variants, profile_step: bool = False, dump_af
 
 
 def tp2_one(cfg, prompt, n, reps, label, profile_step: bool = False) -> dict:
-    """One TP=2 variant in this process (see tp2_rate); errors come back as {"error": ...}."""
+    """One TP=2 variant in this process (see tp2_rate); errors come back as {"error": ...}.
+    A label ending in "@1" runs the variant at TP=1 (the same-machine baseline of that config)."""
     from services.inference.config import EngineConfig
     from services.inference.engine import create_engine
 
+    name, _, tp = label.partition("@")
     with tempfile.TemporaryDirectory() as d:
         cfg.save_pretrained(d)
         try:
-            ec = EngineConfig(model=d, dtype="bfloat16", device="cuda", tp=2, load_format="dummy",
-                              max_model_len=4096, kv_cache_bytes=4 << 30, **TP2_VARIANTS[label])
+            ec = EngineConfig(model=d, dtype="bfloat16", device="cuda", tp=int(tp or 2), load_format="dummy",
+                              max_model_len=4096, kv_cache_bytes=4 << 30, **TP2_VARIANTS[name])
             engine = create_engine(ec)
             try:
                 rate, steps = bs1_rate(engine, prompt, n, reps, "tp2")
@@ -259,7 +262,8 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--tp2", action="store_true", help="also measure TP=2 on two GPUs (batch-1 decode)")
     ap.add_argument("--tp2-variants", default="default,torch_kernels",
-                    help=f"comma-separated TP=2 configurations among {sorted(TP2_VARIANTS)}")
+                    help=f"comma-separated TP=2 configurations among {sorted(TP2_VARIANTS)}; "
+                         "label@1 runs one at TP=1")
     ap.add_argument("--tp2-one", default=None, help=argparse.SUPPRESS)    # child of tp2_rate
     ap.add_argument("--check-only", action="store_true", help=argparse.SUPPRESS)  # child of --check
     ap.add_argument("--dump-after", type=float, default=0.0,

@@ -37,6 +37,9 @@ class EngineConfig:
                                             # triton_ops.py: GEMV, RoPE + KV write, paged attention):
                                             # "triton", "torch", "auto" (triton on CUDA if it imports and
                                             # the model supports it)
+    pdl: bool = True                        # with decode kernels on sm90+ (H100/H200): programmatic
+                                            # dependent launch (the next kernel's launch and weight
+                                            # prologue overlap the current kernel's tail)
     cpu_fused_decode: bool = True           # CPU, tp = 1: batch-1 decode steps in one C++ call (same ops)
     custom_all_reduce: bool = True          # CUDA, tp > 1: one-shot all-reduce over symmetric memory
                                             # (NVLink peer loads) for small tensors instead of NCCL

@@ -226,6 +226,8 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
                     help="batch-1 GEMV and decode attention in Triton kernels (auto: on CUDA; docs/engine.md)")
     ap.add_argument("--no-fused-all-reduce-norm", dest="fused_all_reduce_norm", action="store_false",
                     help="CUDA tp > 1: keep the all-reduce apart from the residual add + RMSNorm (default: fused)")
+    ap.add_argument("--no-pdl", dest="pdl", action="store_false",
+                    help="decode kernels on H100/H200: no programmatic dependent launch (default: on)")
     ap.add_argument("--overlap-decode", default="auto", choices=["auto", "on", "off"],
                     help="greedy decode: enqueue the next step before this one's tokens reach the host (auto: CUDA)")
 
@@ -239,7 +241,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(model=model, tp=args.tp, backend=args.backend, dtype=args.dtype, device=args.device,
                         max_num_seqs=args.max_num_seqs, max_queue=args.max_queue, keep_fp8=args.keep_fp8,
                         custom_all_reduce=args.custom_all_reduce, decode_kernels=args.decode_kernels,
-                        fused_all_reduce_norm=args.fused_all_reduce_norm, overlap_decode=args.overlap_decode)
+                        fused_all_reduce_norm=args.fused_all_reduce_norm, overlap_decode=args.overlap_decode,
+                        pdl=args.pdl)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,10 +24,11 @@ from services.inference.engine.cuda_graphs import DecodeGraphs
 from tests.inference.engine_helpers import generate
 from tests.inference.tiny_models import build, hf_greedy
 
-calls = [0]
+calls = {"gemv": 0, "gated": 0}
 _gemv = gemv.gemv
 def counted(*a, **k):                      # counts the batch-1 GEMV launches (the real kernel runs)
-    calls[0] += 1
+    calls["gemv"] += 1
+    calls["gated"] += bool(k.get("gated"))
     return _gemv(*a, **k)
 gemv.gemv = counted
 prompts = [[1, 17, 99, 23, 5], [1] + list(range(30, 70)), [1, 200, 201]]
@@ -43,8 +44,8 @@ with tempfile.TemporaryDirectory() as d:
             out[kind] = {"alone": [generate(eng, [p], 12)[0] for p in prompts] == refs,
                          "batched": generate(eng, prompts, 12) == refs,
                          "kernel_shapes": [st.kernels for st in eng.runner.graphs.shapes.values()],
-                         "gemv_calls": calls[0]}
-            calls[0] = 0
+                         **calls}
+            calls.update(gemv=0, gated=0)
         finally:
             eng.shutdown()
 print("RESULT " + json.dumps(out))
@@ -61,4 +62,4 @@ def test_engine_with_triton_decode_kernels_equals_transformers():
     for kind, r in res.items():
         assert r["kernel_shapes"] and all(r["kernel_shapes"]), (kind, r)
         assert r["alone"] and r["batched"], (kind, r)
-        assert r["gemv_calls"] > 0, (kind, r)          # batch-1 linear layers went through engine/gemv.py
+        assert r["gemv"] > 0 and r["gated"] > 0, (kind, r)   # batch-1 linear layers, SiLU in the down GEMV

@@ -41,7 +41,7 @@ from services.inference.engine.fused_all_reduce import _kernel
 fn = _kernel()
 ptr = {n: "*bf16" for n in ["res", "w", "out", "res_out"] + [f"p{i}" for i in range(8)]}
 sig = {"ptrs": "*i64", "flags_off": "i32", "hidden": "i32", "eps": "fp32", **ptr}
-const = {"RANK": 1, "W": 2, "BLOCK": 4096}
+const = {"RANK": 1, "W": 2, "BLOCK": 4096, "PDL": True}
 full = {n: "constexpr" if n in const else sig[n] for n in fn.arg_names}
 aligned = ["ptrs", "flags_off", "hidden", *ptr]
 attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
@@ -52,8 +52,9 @@ for line in k.asm["ptx"].splitlines():
     words = line.strip().split()
     if words and words[0].startswith("@"):
         words = words[1:]
-    if words and (words[0].startswith("atom.") or words[0].startswith("ld.global")):
-        ops[words[0]] += 1
+    if words and (words[0].startswith("atom.") or words[0].startswith("ld.global")
+                  or words[0].startswith("griddepcontrol")):
+        ops[words[0].rstrip(";")] += 1
 print("RESULT " + json.dumps({"ops": ops, "cubin": len(k.asm["cubin"])}))
 """
 
@@ -89,3 +90,4 @@ def test_two_rank_kernel_compiles_with_system_scope_flags(tmp_path):
     assert not any(".cas." in op for op in ops), ops              # no compare-and-swap round trips
     assert ops.get("ld.global.cv.v4.b32", 0) >= 1                  # peer partials: vector, uncached
     assert not any(op.startswith("ld.global.cv.b16") for op in ops)
+    assert ops.get("griddepcontrol.wait") == 1 and ops.get("griddepcontrol.launch_dependents") == 1, ops

@@ -51,7 +51,29 @@ def _cases() -> dict:
     lin.gemv = True
     out["bias"] = {"err": (lin(x) - (x @ w.t() + b)).abs().max().item(),
                    "batch2_err": (lin(torch.cat([x, x])) - (torch.cat([x, x]) @ w.t() + b)).abs().max().item()}
-    out["applies"] = {"batch2": G.applies(torch.zeros(2, 8), torch.zeros(4, 8)),
+    # gated: silu(gate) * up folded into the input load, vs ops.silu_mul then the matmul (eager)
+    from services.inference.engine import ops
+
+    for k, dt in ((96, "float32"), (100, "float32"), (128, "bfloat16")):
+        dtype = getattr(torch, dt)
+        gu = (2 * torch.randn(1, 2 * k, generator=g)).to(dtype)
+        w = torch.randn(24, k, generator=g).to(dtype)
+        act = ops.silu_mul(gu, k)                                        # [1, K] in the model dtype
+        ref = act.double() @ w.double().t()
+        y = G.gemv(gu, w, gated=True)
+        buf = torch.empty(1, 24, dtype=dtype)
+        G.mm_out(gu, w, buf, False, gated=True)                          # the fallback: silu_mul + mm
+        out[f"gated_{k}_{dt}"] = {"rel": ((y.double() - ref).norm() / ref.norm()).item(),
+                                  "fallback_rel": ((buf.double() - ref).norm() / ref.norm()).item()}
+    row = layers.RowParallelLinear(20, 12, False, layers.Comm(), torch.float32, "cpu")
+    row.weight.data.copy_(torch.randn(12, 20, generator=g))
+    gu = torch.randn(1, 40, generator=g)
+    plain = row(ops.silu_mul(gu, 20))
+    row.gemv = True
+    out["gated_row_linear"] = {"err": (row(gu, gated=True) - plain).abs().max().item(),
+                               "batch2_err": (row(torch.cat([gu, gu]), gated=True) - plain.repeat(2, 1)).abs().max().item()}
+    out["applies"] = {"gated_ok": G.applies(torch.zeros(1, 16), torch.zeros(4, 8), gated=True),
+                      "gated_wrong_k": G.applies(torch.zeros(1, 8), torch.zeros(4, 8), gated=True),"batch2": G.applies(torch.zeros(2, 8), torch.zeros(4, 8)),
                       "dtype": G.applies(torch.zeros(1, 8), torch.zeros(4, 8, dtype=torch.bfloat16)),
                       "transposed_w": G.applies(torch.zeros(1, 8), torch.zeros(8, 4).t()),
                       "ok": G.applies(torch.zeros(1, 8), torch.zeros(4, 8))}
@@ -83,8 +105,50 @@ def test_gemv_writes_only_its_out_slice_and_linear_adds_bias(results):
 
 
 def test_gemv_applies_only_to_batch1_same_dtype_row_major(results):
-    assert results["applies"] == {"batch2": False, "dtype": False, "transposed_w": False, "ok": True}
+    assert results["applies"] == {"gated_ok": True, "gated_wrong_k": False, "batch2": False, "dtype": False,
+                                  "transposed_w": False, "ok": True}
+
+
+def test_gated_gemv_applies_silu_mul_like_eager(results):
+    for name, r in results.items():
+        if name.startswith("gated_") and name != "gated_row_linear":
+            tol = 1e-6 if "float32" in name else 5e-3                   # bf16: the output rounding
+            assert r["rel"] < tol and r["fallback_rel"] < tol, (name, r)
+    r = results["gated_row_linear"]                                     # RowParallelLinear(gu, gated=True)
+    assert r["err"] < 1e-5 and r["batch2_err"] < 1e-5
+
+
+def test_gemv_compiles_for_sm90_with_pdl(tmp_path):
+    """The PDL variant's prologue and griddepcontrol instructions, in real sm_90 PTX (no GPU)."""
+    from tests.inference.sm90 import compile_json
+
+    got = compile_json(__file__, tmp_path, 300)
+    assert got["pdl"]["wait"] == 1 and got["pdl"]["launch"] == 1 and got["plain"]["wait"] == 0
+    # the first weight tile is loaded before the wait (its ld.global precedes griddepcontrol.wait)
+    assert got["pdl"]["loads_before_wait"] >= 1
+
+
+def _compile_sm90() -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from services.inference.engine import gemv as G
+
+    kern = G._kernel()
+    out = {}
+    for name, pdl in (("pdl", True), ("plain", False)):
+        sig = {n: t for n, t in zip(kern.arg_names, ["*bf16", "*bf16", "*bf16", "i32", "i32", "i32"])}
+        const = dict(BLOCK_M=16, BLOCK_K=1024, EVEN=True, GATED=True, ROUND=1, PDL=pdl)
+        full = {n: "constexpr" if n in const else sig[n] for n in kern.arg_names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i in range(3)}
+        k = triton.compile(triton.compiler.ASTSource(kern, full, const, attrs), target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": 8})
+        lines = [ln.strip() for ln in k.asm["ptx"].splitlines()]
+        wait = [i for i, ln in enumerate(lines) if ln.startswith("griddepcontrol.wait")]
+        out[name] = {"wait": len(wait), "launch": sum(ln.startswith("griddepcontrol.launch_dependents") for ln in lines),
+                     "loads_before_wait": sum(ln.startswith("ld.global") for ln in lines[:wait[0]]) if wait else 0}
+    return out
 
 
 if __name__ == "__main__":
-    print("RESULT " + json.dumps(_cases()))
+    print(json.dumps(_compile_sm90()) if sys.argv[1:] == ["--sm90"] else "RESULT " + json.dumps(_cases()))

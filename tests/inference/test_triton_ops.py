@@ -153,8 +153,9 @@ def _compile_sm90():
         full = {n: "constexpr" if n in const else sig[n] for n in fn.arg_names}
         attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div}
         k = triton.compile(triton.compiler.ASTSource(fn, full, const, attrs), target=target, options=opts)
+        gdc = sum(ln.strip().startswith("griddepcontrol") for ln in k.asm["ptx"].splitlines())
         return {"name": fn.__name__, **{k_: str(v) for k_, v in const.items()}, "cubin_bytes": len(k.asm["cubin"]),
-                "shared": k.metadata.shared}
+                "shared": k.metadata.shared, "griddepcontrol": gdc}
 
     out = []
     for dt, rnd in (("bf16", 1), ("fp32", 0)):
@@ -163,19 +164,20 @@ def _compile_sm90():
             out.append(build(rope, dict(qkv=p, cos=p, sin=p, slots="*i64", cache=p, q_out=p, s_qkv_n="i32",
                                         s_cos_n="i32", s_sin_n="i32", s_c_h="i64", s_c_s="i32", s_q_n="i32",
                                         s_q_h="i32"),
-                             dict(HQ=hq, HKV=hkv, D=d, ROUND=rnd), ["qkv", "cos", "sin", "slots", "cache", "q_out"],
+                             dict(HQ=hq, HKV=hkv, D=d, ROUND=rnd, PDL=True),
+                             ["qkv", "cos", "sin", "slots", "cache", "q_out"],
                              enable_fp_fusion=False))
             for single in (True, False):
                 sig = dict(q=p, cache=p, table="*i64", lens="*i32", out=p, m_buf="*fp32", l_buf="*fp32",
                            acc_buf="*fp32", scale_log2="fp32", part_size="i32", s_qb="i32", s_qh="i32",
                            s_ch="i64", s_cs="i32", s_tb="i32", s_ob="i32", n_parts="i32")
                 const = dict(HQ=hq, HKV=hkv, G=hq // hkv, GP=16, D=d, BS=16, BLOCK=T.BLOCK_N, SINGLE=single,
-                             F32DOT=dt == "fp32", ROUND=rnd)
+                             F32DOT=dt == "fp32", ROUND=rnd, PDL=single)
                 out.append(build(attn, sig, const, ["q", "cache", "table", "lens", "out", "m_buf", "l_buf", "acc_buf",
                                                     "part_size", "s_qb", "s_qh", "s_ch", "s_cs", "s_ob"],
                                  num_warps=T.NUM_WARPS, num_stages=T.NUM_STAGES))
             out.append(build(merge, dict(m_buf="*fp32", l_buf="*fp32", acc_buf="*fp32", out=p, s_ob="i32",
-                                         n_parts="i32"), dict(HQ=hq, D=d, NPP=32, ROUND=rnd),
+                                         n_parts="i32"), dict(HQ=hq, D=d, NPP=32, ROUND=rnd, PDL=True),
                              ["m_buf", "l_buf", "acc_buf", "out", "s_ob"]))
     return out
 
@@ -258,16 +260,14 @@ def test_paged_decode_attention_bf16(results):
 
 def test_kernels_compile_for_sm90(tmp_path):
     """The interpreter does not run Triton's compiler: build real sm_90 cubins of every variant."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=str(ROOT), TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
-    p = subprocess.run([sys.executable, __file__, "--sm90"], env=env, cwd=ROOT, capture_output=True, text=True,
-                       timeout=600)
-    if p.returncode != 0 and "ptxas" in p.stderr and "not found" in p.stderr.lower():
-        pytest.skip("triton's bundled ptxas is missing")
-    assert p.returncode == 0, p.stderr[-3000:]
-    built = json.loads(p.stdout.splitlines()[-1])
+    from tests.inference.sm90 import compile_json
+
+    built = compile_json(__file__, tmp_path)
     assert len(built) == 2 * 2 * 4
     assert all(k["cubin_bytes"] > 1000 for k in built)
+    # programmatic dependent launch: wait + launch_dependents where PDL is on, nothing where off
+    assert all(k["griddepcontrol"] == (2 if k["PDL"] == "True" else 0) for k in built)
+    assert sum(k["PDL"] == "False" for k in built) == 4
 
 
 def test_module_imports_without_triton():

@@ -58,15 +58,20 @@ def _kernel():
 
     @triton.jit
     def ar_add_rms_norm_kernel(ptrs, flags_off, p0, p1, p2, p3, p4, p5, p6, p7, res, w, out, res_out, hidden, eps,
-                               RANK: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr):
+                               RANK: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         row = tl.program_id(0)
         dt = res.dtype.element_ty
         offs = tl.arange(0, BLOCK)
         m = offs < hidden
-        # Local reads first: they overlap the wait for the peers.
-        own = tl.load(pick(RANK, p0, p1, p2, p3, p4, p5, p6, p7) + row * hidden + offs, mask=m, other=0.0)
+        # Local reads first: they overlap the wait for the peers. Under programmatic dependent
+        # launch the norm weight and the residual (written two or more kernels back, which have
+        # finished: the kernel before waited for them) are read before the grid-dependency wait.
         res_in = tl.load(res + row * hidden + offs, mask=m, other=0.0).to(tl.float32)
         w_in = tl.load(w + offs, mask=m, other=0.0).to(tl.float32)
+        if PDL:
+            tl.extra.cuda.gdc_wait()              # our partial comes from the matmul just before
+            tl.extra.cuda.gdc_launch_dependents()
+        own = tl.load(pick(RANK, p0, p1, p2, p3, p4, p5, p6, p7) + row * hidden + offs, mask=m, other=0.0)
         if W > 1:
             mine = tl.load(ptrs + RANK).to(tl.pointer_type(tl.int32)) + flags_off + row * W
             seq = tl.load(mine + RANK) + 1        # this row's call number (own slot: no peer writes it)
@@ -111,6 +116,9 @@ def ar_add_rms_norm(ptrs: torch.Tensor, flags_off: int, parts: list[torch.Tensor
     res_out = torch.empty_like(residual)
     block = 1 << (hidden - 1).bit_length()
     p = list(parts) + [parts[0]] * (8 - world)
+    from services.inference.engine import triton_ops
+
+    pdl = triton_ops.pdl_launch(residual.device)
     _kernel()[(n,)](ptrs, flags_off, *p, residual, weight, out, res_out, hidden, eps,
-                    RANK=rank, W=world, BLOCK=block, num_warps=4 if block <= 4096 else 8)
+                    RANK=rank, W=world, BLOCK=block, PDL=bool(pdl), num_warps=4 if block <= 4096 else 8, **pdl)
     return out, res_out

@@ -8,7 +8,11 @@ large gate_up. Here each program reduces BLOCK_M rows over the whole K (no split
 kernel), so even a 16 MB shard has hundreds of programs streaming it.
 
 Accumulates in fp32 (bf16/fp16/fp32 weights); the result is rounded once to the output dtype.
-CUDA-graph capturable (grid from shapes only, no host syncs). triton is imported on first use, so
+`gated`: the input is the MLP's gate|up row [1, 2K] and the kernel applies silu(gate) * up (same
+roundings as ops.silu_mul) as it loads it, so the down projection needs no separate SiLU kernel.
+With programmatic dependent launch (triton_ops.pdl, sm90+), each program loads its first weight tile
+before waiting for the previous kernel: the weights never depend on it, so the load overlaps that
+kernel's tail and the launch. CUDA-graph capturable (grid from shapes only, no host syncs). triton is imported on first use, so
 TRITON_INTERPRET=1 (CPU tests) can be set before.
 """
 from __future__ import annotations
@@ -31,58 +35,101 @@ def tile(m: int, k: int) -> tuple[int, int, int]:
     return bm, min(bk, max(16, 1 << (k - 1).bit_length())), warps
 
 
+triton = tl = round_to = w_tile = x_tile = None     # set by _kernel(): jit callees resolve in module globals
+
+
 @functools.cache
 def _kernel():
-    import triton
-    import triton.language as tl
+    global triton, tl, round_to, w_tile, x_tile
+    import triton as _triton
+    import triton.language as _tl
+
+    from services.inference.engine import triton_ops
+
+    triton, tl = _triton, _tl
+    round_to = triton_ops.jit_helpers()["round_to"]
+
+    @triton.jit
+    def w_tile(w_rows, rows, c, M, K, EVEN: tl.constexpr):
+        if EVEN:                                                          # M % BM == 0, K % BK == 0
+            return tl.load(w_rows + c[None, :], eviction_policy="evict_first")
+        return tl.load(w_rows + c[None, :], mask=(rows[:, None] < M) & (c[None, :] < K), other=0.0,
+                       eviction_policy="evict_first")
+
+    @triton.jit
+    def x_tile(x_ptr, c, K, EVEN: tl.constexpr, GATED: tl.constexpr, ROUND: tl.constexpr):
+        # [BK] fp32 input; GATED: x = silu(gate) * up from x_ptr = [gate K | up K] (ops.silu_mul's
+        # roundings: silu rounded to the model dtype, then the product)
+        if EVEN:
+            x = tl.load(x_ptr + c).to(tl.float32)
+        else:
+            x = tl.load(x_ptr + c, mask=c < K, other=0.0).to(tl.float32)
+        if GATED:
+            if EVEN:
+                up = tl.load(x_ptr + K + c).to(tl.float32)
+            else:
+                up = tl.load(x_ptr + K + c, mask=c < K, other=0.0).to(tl.float32)
+            x = round_to(round_to(x / (1.0 + tl.exp(-x)), ROUND) * up, ROUND)
+        return x
 
     @triton.jit
     def gemv_kernel(x_ptr, w_ptr, out_ptr, M, K, stride_w,
-                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr, GATED: tl.constexpr,
+                    ROUND: tl.constexpr, PDL: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)         # [BM]
         cols = tl.arange(0, BLOCK_K)                                      # [BK]
         w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w            # [BM, 1]
-        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        w = w_tile(w_rows, rows, cols, M, K, EVEN)                        # [BM, BK] first tile: weights only
+        if PDL:
+            tl.extra.cuda.gdc_wait()              # the previous kernel (it writes x) has finished
+            tl.extra.cuda.gdc_launch_dependents()
+        acc = w.to(tl.float32) * x_tile(x_ptr, cols, K, EVEN, GATED, ROUND)[None, :]
+        for k0 in range(BLOCK_K, K, BLOCK_K):
             c = k0 + cols
-            if EVEN:                                                      # M % BM == 0, K % BK == 0
-                x = tl.load(x_ptr + c)
-                w = tl.load(w_rows + c[None, :], eviction_policy="evict_first")
-            else:
-                x = tl.load(x_ptr + c, mask=c < K, other=0.0)
-                w = tl.load(w_rows + c[None, :], mask=(rows[:, None] < M) & (c[None, :] < K), other=0.0,
-                            eviction_policy="evict_first")
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            w = w_tile(w_rows, rows, c, M, K, EVEN)
+            acc += w.to(tl.float32) * x_tile(x_ptr, c, K, EVEN, GATED, ROUND)[None, :]
         y = tl.sum(acc, axis=1)                                           # [BM]
         tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rows < M)
 
-    return triton, gemv_kernel
+    return gemv_kernel
 
 
-def applies(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """x: [1, K] contiguous, w: [M, K] with unit stride along K, same dtype and device."""
-    return (x.dim() == 2 and x.shape[0] == 1 and w.dim() == 2 and x.shape[1] == w.shape[1]
+def applies(x: torch.Tensor, w: torch.Tensor, gated: bool = False) -> bool:
+    """x: [1, K] ([1, 2K] gate|up when gated) contiguous, w: [M, K] with unit stride along K, same
+    dtype and device."""
+    return (x.dim() == 2 and x.shape[0] == 1 and w.dim() == 2 and x.shape[1] == w.shape[1] * (2 if gated else 1)
             and x.is_contiguous() and w.stride(1) == 1 and x.dtype == w.dtype and x.device == w.device)
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None, block_m: int | None = None,
-         block_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
-    """x: [1, K], w: [M, K] -> x @ w.T: [1, M] (into `out`, contiguous [1, M], when given)."""
-    triton, kernel = _kernel()
+         block_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+         gated: bool = False) -> torch.Tensor:
+    """x: [1, K], w: [M, K] -> x @ w.T: [1, M] (into `out`, contiguous [1, M], when given).
+    gated: x is [1, 2K] (gate | up) and the product is silu(gate) * up @ w.T."""
+    from services.inference.engine import triton_ops
+
+    kernel = _kernel()
     m, k = w.shape
     bm, bk, warps = tile(m, k)
     bm, bk, warps = block_m or bm, block_k or bk, num_warps or warps
     if out is None:
         out = torch.empty((1, m), dtype=x.dtype, device=x.device)
+    pdl = triton_ops.pdl_launch(x.device)
     kernel[(triton.cdiv(m, bm),)](x, w, out, m, k, w.stride(0), BLOCK_M=bm, BLOCK_K=bk,
-                                  EVEN=(m % bm == 0 and k % bk == 0),
-                                  num_warps=warps, num_stages=num_stages or NUM_STAGES)
+                                  EVEN=(m % bm == 0 and k % bk == 0), GATED=gated,
+                                  ROUND=triton_ops.round_mode(x.dtype), PDL=bool(pdl),
+                                  num_warps=warps, num_stages=num_stages or NUM_STAGES, **pdl)
     return out
 
 
-def mm_out(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, use_gemv: bool) -> torch.Tensor:
+def mm_out(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, use_gemv: bool, gated: bool = False) -> torch.Tensor:
     """out = x @ w.T (x: [N, K], w: [M, K], out: [N, M] contiguous), by the batch-1 GEMV if asked
-    (the row-parallel matmuls that write into the symmetric buffer)."""
-    if use_gemv and applies(x, w):
-        return gemv(x, w, out)
+    (the row-parallel matmuls that write into the symmetric buffer). gated: x is [N, 2K] gate|up
+    and silu(gate) * up is the input."""
+    if use_gemv and applies(x, w, gated):
+        return gemv(x, w, out, gated=gated)
+    if gated:
+        from services.inference.engine import ops
+
+        x = ops.silu_mul(x, w.shape[1])
     return torch.mm(x, w.t(), out=out)

@@ -46,15 +46,18 @@ def _param(shape, dtype, device, loader) -> nn.Parameter:
     return p
 
 
-def _matmul(module, x, bias=None):
+def _matmul(module, x, bias=None, gated: bool = False):
     """x @ W.T (+ bias) with the module's oneDNN-prepacked weight when it has one (CPU bf16), or
-    the Triton batch-1 GEMV when the runner turned it on (module.gemv: decode_kernels, CUDA)."""
+    the Triton batch-1 GEMV when the runner turned it on (module.gemv: decode_kernels, CUDA).
+    gated: x is [N, 2K] gate|up and the input is ops.silu_mul(x) (inside the GEMV when it runs)."""
+    if module.gemv and gemv.applies(x, module.weight, gated):
+        y = gemv.gemv(x, module.weight, gated=gated)    # [1, M]
+        return y if bias is None else y.add_(bias)
+    if gated:
+        x = ops.silu_mul(x, x.shape[1] // 2)
     packed = module.packed
     if packed is not None:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-    if module.gemv and gemv.applies(x, module.weight):
-        y = gemv.gemv(x, module.weight)                 # [1, M]
-        return y if bias is None else y.add_(bias)
     return F.linear(x, module.weight, bias)
 
 
@@ -179,11 +182,13 @@ class RowParallelLinear(_Linear):
         else:
             param.data.copy_(_read(src, 1, self.start, self.local))
 
-    def forward(self, x):
+    def forward(self, x, gated: bool = False):
+        """x: [N, K_local] ([N, 2 K_local] gate|up when gated: silu(gate) * up is the input)."""
         symm = self.comm.symm                    # CUDA one-shot path: matmul into the shared buffer
-        y = symm.linear_all_reduce(x, self.weight, self.gemv) if symm is not None and self.packed is None else None
+        y = symm.linear_all_reduce(x, self.weight, self.gemv, gated) \
+            if symm is not None and self.packed is None else None
         if y is None:
-            y = _matmul(self, x)
+            y = _matmul(self, x, gated=gated)
             self.comm.all_reduce(y)
         if self.bias is not None:
             y = y + self.bias
@@ -191,17 +196,17 @@ class RowParallelLinear(_Linear):
 
     fuse_region: int | None = None       # 0 / 1: alternate between consecutive call sites (add_norm)
 
-    def add_norm(self, x, residual, norm: "RMSNorm"):
+    def add_norm(self, x, residual, norm: "RMSNorm", gated: bool = False):
         """(norm(residual + self(x)), residual + self(x)): on the symmetric-memory path one kernel
         does the all-reduce, the add and the norm (fused_all_reduce.py); else ops.add_rms_norm."""
         symm = self.comm.symm
         if symm is not None and symm.fused and self.packed is None and self.bias is None \
                 and self.fuse_region is not None:
             got = symm.linear_add_rms_norm(x, self.weight, residual, norm.weight, norm.eps, self.fuse_region,
-                                           self.gemv)
+                                           self.gemv, gated)
             if got is not None:
                 return got
-        return ops.add_rms_norm(self.forward(x), residual, norm.weight, norm.eps)
+        return ops.add_rms_norm(self.forward(x, gated), residual, norm.weight, norm.eps)
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -56,6 +56,10 @@ class ModelRunner:
             else:
                 self.weight_bytes_read = load_weights(self.model, config.model)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        from services.inference.engine import triton_ops
+
+        self.decode_kernels = self._decode_kernels(config, cls)
+        triton_ops.PDL = bool(self.decode_kernels and config.pdl)   # per process (one engine per worker)
         if config.custom_all_reduce:
             comm.enable_custom_all_reduce(self.dtype, config.fused_all_reduce_norm)   # collective; CUDA tp > 1
         if self.device.type == "cpu" and self.dtype == torch.bfloat16:
@@ -88,7 +92,6 @@ class ModelRunner:
         self.last_ids: torch.Tensor | None = None    # [S] device argmax of the last device_greedy step
         self._tokens = StepTokens(self.device) if comm.rank == 0 else None
         comm.logits_everywhere = config.overlap_enabled   # every rank takes the argmax (device_greedy)
-        self.decode_kernels = self._decode_kernels(config, cls)
         if self.decode_kernels:
             from services.inference.engine.layers import enable_gemv
 

@@ -93,20 +93,23 @@ class SymmAllReduce:
     def fits(self, t: torch.Tensor) -> bool:
         return t.dtype == self.dtype and t.numel() <= self.numel and t.is_contiguous()
 
-    def linear_all_reduce(self, x: torch.Tensor, w: torch.Tensor, use_gemv: bool = False) -> torch.Tensor | None:
+    def linear_all_reduce(self, x: torch.Tensor, w: torch.Tensor, use_gemv: bool = False,
+                          gated: bool = False) -> torch.Tensor | None:
         """sum over ranks of x @ w.T, the matmul writing straight into the shared buffer (no copy);
-        x: [N, K], w: [M, K] -> [N, M]. None if it does not fit (the caller uses the plain path)."""
+        x: [N, K] ([N, 2K] gate|up when gated, gemv.mm_out), w: [M, K] -> [N, M]. None if it does
+        not fit (the caller uses the plain path)."""
         n, m = x.shape[0], w.shape[0]
         if x.dim() != 2 or x.dtype != self.dtype or n * m > self.numel:
             return None
         part = self.buf[:n * m].view(n, m)
-        mm_out(x, w, part, use_gemv)
+        mm_out(x, w, part, use_gemv, gated)
         out = torch.empty((n, m), dtype=x.dtype, device=x.device)
         torch.ops.symm_mem.one_shot_all_reduce_out(part, "sum", self.name, out)
         return out
 
     def linear_add_rms_norm(self, x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor,
-                            norm_w: torch.Tensor, eps: float, region: int, use_gemv: bool = False):
+                            norm_w: torch.Tensor, eps: float, region: int, use_gemv: bool = False,
+                            gated: bool = False):
         """(rms_norm(residual + sum over ranks of x @ w.T) * norm_w, residual + sum) in one
         all-reduce kernel (fused_all_reduce.py); x: [N, K], w: [M, K], residual: [N, M]. `region`
         (0 or 1) must differ between consecutive call sites (the module docstring there says why).
@@ -118,7 +121,7 @@ class SymmAllReduce:
                 or residual.shape != (n, m) or not residual.is_contiguous():
             return None
         off = (1 + region) * self.numel
-        mm_out(x, w, self.buf[off:off + n * m].view(n, m), use_gemv)
+        mm_out(x, w, self.buf[off:off + n * m].view(n, m), use_gemv, gated)
         parts = [b[off:off + n * m].view(n, m) for b in self.peers]
         return ar_add_rms_norm(self.ptrs, self.flags_off, parts, residual, norm_w, eps, self.rank)
 

@@ -13,6 +13,13 @@ V heads), slot = block_id * block_size + offset; qkv is [N, (Hq + 2 Hkv) * D] (q
 triton is imported lazily (on the first call, or `available()`), so this module imports without it
 and TRITON_INTERPRET=1, read when the kernels are defined, can be set by the caller beforehand.
 Both wrappers are CUDA-graph capturable: no host syncs, and launch grids depend on shapes only.
+
+Programmatic dependent launch (`pdl_launch`: sm90+, while PDL is on): the decode kernels here, in
+gemv.py and in fused_all_reduce.py are launched with the programmatic-serialization attribute and
+call griddepcontrol.wait before touching anything an earlier kernel writes, then
+launch_dependents, so each launch (and the GEMV's weight-only prologue) overlaps the tail of the
+kernel before it. Tried and dropped (docs/engine.md): RoPE + KV write + attention + merge in one
+kernel, the last program of each (sequence, kv head) merging; it was slower than these three.
 """
 from __future__ import annotations
 
@@ -30,6 +37,7 @@ NUM_WARPS = 4
 NUM_STAGES = 3       # cp.async pipelining of the K/V tile loads
 MIN_PARTITION = 128  # fewest context positions per flash-decoding partition
 MAX_PARTITIONS = 64  # the merge kernel holds [partitions, D] fp32 partials in registers
+PDL = True           # programmatic dependent launch on sm90+ (the runner sets it from EngineConfig.pdl)
 
 
 def available() -> bool:
@@ -39,6 +47,23 @@ def available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def pdl_launch(device: torch.device) -> dict:
+    """Launch options for programmatic dependent launch: {"launch_pdl": True} on a CUDA device of
+    compute capability >= 9 while PDL is on, else {} (kernels then take PDL=False)."""
+    return {"launch_pdl": True} if PDL and device.type == "cuda" and _sm90(device) else {}
+
+
+@functools.cache
+def _sm90(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def jit_helpers() -> dict:
+    """Shared @triton.jit helpers by name (other kernel modules bind them into their globals)."""
+    _kernels()
+    return {"round_to": round_to}
 
 
 @functools.cache
@@ -63,13 +88,17 @@ def _kernels():
     @triton.jit
     def rope_kv_write_kernel(qkv, cos, sin, slots, cache, q_out,
                              s_qkv_n, s_cos_n, s_sin_n, s_c_h, s_c_s, s_q_n, s_q_h,
-                             HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, ROUND: tl.constexpr):
+                             HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, ROUND: tl.constexpr,
+                             PDL: tl.constexpr):
         # One program per (token, head) of the qkv row: q heads -> q_out, k heads -> cache rows
         # 0..Hkv-1 (rotated), v heads -> cache rows Hkv..2Hkv-1 (copied); cache row = head - Hq.
         n = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         HALF: tl.constexpr = D // 2
         i = tl.arange(0, HALF)
+        if PDL:
+            tl.extra.cuda.gdc_wait()              # qkv comes from the kernel before
+            tl.extra.cuda.gdc_launch_dependents()
         src = qkv + n * s_qkv_n + h * D
         x1 = tl.load(src + i)                                   # [D/2] first half
         x2 = tl.load(src + HALF + i)                            # [D/2] second half
@@ -102,12 +131,15 @@ def _kernels():
                            s_qb, s_qh, s_ch, s_cs, s_tb, s_ob, n_parts,
                            HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                            D: tl.constexpr, BS: tl.constexpr, BLOCK: tl.constexpr,
-                           SINGLE: tl.constexpr, F32DOT: tl.constexpr, ROUND: tl.constexpr):
+                           SINGLE: tl.constexpr, F32DOT: tl.constexpr, ROUND: tl.constexpr, PDL: tl.constexpr):
         # One program per (sequence, kv head, partition): all G query heads of the kv head (padded
         # to GP >= 16 rows for tl.dot) against positions [part * P, min((part + 1) * P, len)).
         b = tl.program_id(0).to(tl.int64)
         kh = tl.program_id(1)
         part = tl.program_id(2)
+        if PDL:
+            tl.extra.cuda.gdc_wait()              # q and the new KV come from the kernel before
+            tl.extra.cuda.gdc_launch_dependents()
         length = tl.load(lens + b).to(tl.int32)
         g = tl.arange(0, GP)
         dd = tl.arange(0, D)
@@ -157,13 +189,17 @@ def _kernels():
 
     @triton.jit
     def merge_kernel(m_buf, l_buf, acc_buf, out, s_ob, n_parts,
-                     HQ: tl.constexpr, D: tl.constexpr, NPP: tl.constexpr, ROUND: tl.constexpr):
+                     HQ: tl.constexpr, D: tl.constexpr, NPP: tl.constexpr, ROUND: tl.constexpr,
+                     PDL: tl.constexpr):
         # One program per (sequence, query head): rescale each partition's partial sums to the
         # global max (log2 domain) and normalise. Empty partitions carry m = -inf, l = 0, acc = 0.
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         i = tl.arange(0, NPP)
         dd = tl.arange(0, D)
+        if PDL:
+            tl.extra.cuda.gdc_wait()              # the partials come from the kernel before
+            tl.extra.cuda.gdc_launch_dependents()
         im = i < n_parts
         row = (b * HQ + h) * n_parts + i
         m = tl.load(m_buf + row, mask=im, other=float("-inf"))
@@ -196,14 +232,15 @@ def rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_
     if n == 0:
         return q
     kern = _kernels()[0]
+    pdl = pdl_launch(qkv.device)
     kern[(n, hq + 2 * hkv)](qkv, cos, sin, slot_mapping, cache, q,
                             qkv.stride(0), cos.stride(0), sin.stride(0), cache.stride(0), cache.stride(1),
-                            q.stride(0), q.stride(1), HQ=hq, HKV=hkv, D=d,
-                            ROUND=_round_mode(qkv.dtype), enable_fp_fusion=False)   # no FMA: eager's rounding
+                            q.stride(0), q.stride(1), HQ=hq, HKV=hkv, D=d, ROUND=round_mode(qkv.dtype),
+                            PDL=bool(pdl), enable_fp_fusion=False, **pdl)   # no FMA: eager's rounding
     return q
 
 
-def _round_mode(dtype: torch.dtype) -> int:
+def round_mode(dtype: torch.dtype) -> int:
     """round_to's mode for a model dtype: 0 fp32 (none), 1 bf16, 2 fp16."""
     return {torch.bfloat16: 1, torch.float16: 2}.get(dtype, 0)
 
@@ -254,6 +291,7 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_table: to
     assert p % block_n == 0, "part_size must be a multiple of BLOCK_N"
     n_parts = -(-max_ctx // p)
     _, attn, merge, interpreted = _kernels()
+    pdl = pdl_launch(q.device)
     single = n_parts == 1
     if single:
         m_buf = l_buf = acc_buf = out                                          # unused
@@ -267,11 +305,12 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_table: to
                             block_table.stride(0), out.stride(0), n_parts,
                             HQ=hq, HKV=hkv, G=g, GP=max(16, triton.next_power_of_2(g)), D=d, BS=block_size,
                             BLOCK=block_n, SINGLE=single,
-                            F32DOT=q.dtype == torch.float32 or interpreted, ROUND=_round_mode(q.dtype),
-                            num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+                            F32DOT=q.dtype == torch.float32 or interpreted, ROUND=round_mode(q.dtype),
+                            PDL=bool(pdl), num_warps=NUM_WARPS, num_stages=NUM_STAGES, **pdl)
     if not single:
         merge[(b, hq)](m_buf, l_buf, acc_buf, out, out.stride(0), n_parts,
-                       HQ=hq, D=d, NPP=triton.next_power_of_2(n_parts), ROUND=_round_mode(q.dtype))
+                       HQ=hq, D=d, NPP=triton.next_power_of_2(n_parts), ROUND=round_mode(q.dtype),
+                       PDL=bool(pdl), **pdl)
     return out
 
 

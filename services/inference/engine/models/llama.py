@@ -57,10 +57,13 @@ class LlamaMLP(nn.Module):
         if getattr(cfg, "hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported")
 
-    def act(self, x):
-        """silu(gate) * up: [N, I_local], the input of down_proj."""
+    def forward_add_norm(self, x, residual, next_norm):
+        """down_proj.add_norm of silu(gate) * up; the batch-1 GEMV applies the SiLU as it reads
+        gate|up (gemv.py, gated), so the activation is not a kernel of its own there."""
         gu = self.gate_up_proj.forward(x)                               # [N, 2 * I_local]
-        return ops.silu_mul(gu, self.inter)
+        if self.down_proj.gemv and gu.shape[0] == 1:
+            return self.down_proj.add_norm(gu, residual, next_norm, gated=True)
+        return self.down_proj.add_norm(ops.silu_mul(gu, self.inter), residual, next_norm)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -77,7 +80,7 @@ class LlamaDecoderLayer(nn.Module):
         norm after it (one kernel on the fused all-reduce path, RowParallelLinear.add_norm)."""
         o = self.self_attn.core(h, rope, cos, sin, meta, cache)
         h, residual = self.self_attn.o_proj.add_norm(o, residual, self.post_attention_layernorm)
-        return self.mlp.down_proj.add_norm(self.mlp.act(h), residual, next_norm)
+        return self.mlp.forward_add_norm(h, residual, next_norm)
 
 
 class LlamaModel(nn.Module):
