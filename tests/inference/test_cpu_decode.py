@@ -95,10 +95,44 @@ def test_fused_batched_decode_equals_python_path(default_model, dtype):
             pos = [x + 1 for x in pos]
         return outs
 
-    fused = run()                      # batched: the ATen ops in C++ (the loops are batch 1 only)
-    runner.model.fused_decode, keep = None, runner.model.fused_decode
+    keep = runner.model.fused_decode
+    assert keep is not None and keep.loops
+    fast = run()                       # bf16 with AVX512-BF16: attention in place; else the ATen ops
+    keep.loops = False
+    aten = run()                       # batched, the ATen ops in C++: bit-identical to Python
+    runner.model.fused_decode = None
     plain = run()
-    assert keep is not None and keep.loops and all(torch.equal(a, b) for a, b in zip(fused, plain))
+    assert all(torch.equal(a, b) for a, b in zip(aten, plain))
+    if dtype == "float32" or not keep.ext.has_paged_attention():
+        assert all(torch.equal(a, b) for a, b in zip(fast, plain))
+    else:                              # fp32 scores/probabilities instead of bf16-rounded ones
+        assert all(_rel(a, b) < 3e-2 for a, b in zip(fast, plain))
+
+
+def test_batched_bf16_attention_reads_the_context_in_place(default_model):
+    from torch.profiler import ProfilerActivity, profile
+
+    runner = ModelRunner(EngineConfig(model=str(default_model), dtype="bfloat16", threads=2, num_kv_blocks=64), Comm())
+    fd = runner.model.fused_decode
+    if not fd.ext.has_paged_attention():
+        pytest.skip("this CPU has no AVX512-BF16: batched attention keeps the gather + bmm")
+    tables = [tuple(range(k, 48, 3)) for k in range(3)]
+    prompts = [[1, 504 + i, 3458, 282] + list(range(40, 40 + 20 * i)) for i in range(3)]   # 4, 24, 44 tokens
+    for i, p in enumerate(prompts):
+        runner.execute(StepPlan((Chunk(i, tuple(p), 0, tables[i], True),), 0))
+    plan = StepPlan(tuple(Chunk(i, (30,), len(p), tables[i], True) for i, p in enumerate(prompts)), 3)
+    counts, logits = {}, {}
+    for fast in (True, False):
+        fd.loops = fast
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            logits[fast] = runner.execute(plan)
+        counts[fast] = {e.key: e.count for e in prof.key_averages()}
+    layers = len(runner.model.model.layers)
+    assert counts[True]["privlm::attention_blocks_bf16"] == layers
+    assert counts[False]["aten::bmm"] == 2 * layers and "aten::bmm" not in counts[True]
+    # one context gather per layer gone (the embedding and RoPE tables keep theirs)
+    assert counts[False]["aten::index_select"] - counts[True].get("aten::index_select", 0) == layers
+    assert _rel(logits[True], logits[False]) < 3e-2
 
 
 def test_fused_with_qkv_bias(tmp_path):

@@ -4,8 +4,11 @@ The extension runs the same ATen ops in the same order as the Python path, so re
 bit-identical (tests/inference/test_cpu_decode.py checks it); it removes ~2 us of interpreter
 overhead from each of ~240 ops of a step. At batch 1, `loops` (default) also replaces the small
 ATen calls between a layer's GEMVs with loops: same formulas and roundings, fp32 sums in its own
-order, so last-bit differences from the Python path (bounded by the tests, greedy tokens agree). It is built on first use with the system C++ compiler
-into .cache/torch_extensions (~25 s, once; `make model` does it). Without a compiler, or if the build fails,
+order, so last-bit differences from the Python path (bounded by the tests, greedy tokens agree).
+Batched bf16 steps with `loops` on a CPU with AVX512-BF16 read the paged context in place for
+attention instead of gathering it (same kind of last-bit differences). It is built on first use
+with the system C++ compiler and -fopenmp (ATen's parallel_for is header code: without the flag it
+runs serially) into .cache/torch_extensions (~25 s, once; `make model` does it). Without a compiler, or if the build fails,
 the engine logs that and keeps the Python path: only speed differs.
 """
 from __future__ import annotations
@@ -34,7 +37,8 @@ def extension():
                 build = cache_dir() / "torch_extensions" / "privlm_decode_cpu"
                 build.mkdir(parents=True, exist_ok=True)
                 _clear_stale_lock(build / "lock")
-                _ext.append(load(name="privlm_decode_cpu", sources=[str(_SRC)], extra_cflags=["-O3"],
+                _ext.append(load(name="privlm_decode_cpu", sources=[str(_SRC)], extra_cflags=["-O3", "-fopenmp"],
+                                 extra_ldflags=["-fopenmp"],
                                  build_directory=str(build), verbose=False))
             except Exception as exc:  # noqa: BLE001 - speed only: the Python path stays correct
                 log.warning("fused CPU decode unavailable (%s: %s); using the per-op Python path",
@@ -59,7 +63,8 @@ def _clear_stale_lock(lock: Path, max_age_s: float = 600.0) -> None:
 class FusedDecode:
     """Holds the per-layer weight lists of a LlamaForCausalLM (tp = 1) for the extension's decode()."""
 
-    loops = True         # batch 1: norms, RoPE + KV write, attention, SiLU-mul as loops (decode_cpu.cpp)
+    loops = True         # batch 1: norms, RoPE + KV write, attention, SiLU-mul as loops; batched bf16:
+                         # attention in place (AVX512-BF16) (decode_cpu.cpp)
 
     def __init__(self, model, ext):
         self.ext, self.model = ext, model
