@@ -174,7 +174,7 @@ void attention_row(const T* q, const T* cache, int64_t nslots, int64_t a, int64_
 // softmax over all scores, p.V in fp32, the next block prefetched (blocks are scattered 2-4 KB runs;
 // without the prefetch it was memory-latency-bound at ~0.2 ms). Scores and probabilities stay fp32
 // (the ATen path rounds both to bf16), so results differ from it in the last bits; tests bound that.
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 10))   // avx512bf16 target
 #define PRIVLM_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
 bool cpu_has_avx512bf16() {
