@@ -25,6 +25,8 @@ import functools
 
 import torch
 
+from services.inference.engine import triton_ops
+
 MAX_ROWS = 128        # one program (and one flag slot per peer) per row
 MAX_WORLD = 8
 triton = tl = pick = None     # set by _kernel(): jit functions resolve names in module globals
@@ -116,8 +118,6 @@ def ar_add_rms_norm(ptrs: torch.Tensor, flags_off: int, parts: list[torch.Tensor
     res_out = torch.empty_like(residual)
     block = 1 << (hidden - 1).bit_length()
     p = list(parts) + [parts[0]] * (8 - world)
-    from services.inference.engine import triton_ops
-
     pdl = triton_ops.pdl_launch(residual.device)
     _kernel()[(n,)](ptrs, flags_off, *p, residual, weight, out, res_out, hidden, eps,
                     RANK=rank, W=world, BLOCK=block, PDL=bool(pdl), num_warps=4 if block <= 4096 else 8, **pdl)

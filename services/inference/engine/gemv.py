@@ -10,16 +10,18 @@ kernel), so even a 16 MB shard has hundreds of programs streaming it.
 Accumulates in fp32 (bf16/fp16/fp32 weights); the result is rounded once to the output dtype.
 `gated`: the input is the MLP's gate|up row [1, 2K] and the kernel applies silu(gate) * up (same
 roundings as ops.silu_mul) as it loads it, so the down projection needs no separate SiLU kernel.
-With programmatic dependent launch (triton_ops.pdl, sm90+), each program loads its first weight tile
-before waiting for the previous kernel: the weights never depend on it, so the load overlaps that
-kernel's tail and the launch. CUDA-graph capturable (grid from shapes only, no host syncs). triton is imported on first use, so
-TRITON_INTERPRET=1 (CPU tests) can be set before.
+With programmatic dependent launch (triton_ops.pdl_launch, sm90+), each program loads its first
+weight tile before waiting for the previous kernel: the weights never depend on it, so the load
+overlaps that kernel's tail and the launch. CUDA-graph capturable (grid from shapes only, no host
+syncs). triton is imported on first use, so TRITON_INTERPRET=1 (CPU tests) can be set before.
 """
 from __future__ import annotations
 
 import functools
 
 import torch
+
+from services.inference.engine import ops, triton_ops
 
 # Tiles (rows per program, K per iteration, warps) from bench/gemv_gpu.py's sweep on H200: each
 # within 1-3% of the best of 48 configs for every Llama-3.1-8B shard shape at TP=1 and TP=2.
@@ -43,8 +45,6 @@ def _kernel():
     global triton, tl, round_to, w_tile, x_tile
     import triton as _triton
     import triton.language as _tl
-
-    from services.inference.engine import triton_ops
 
     triton, tl = _triton, _tl
     round_to = triton_ops.jit_helpers()["round_to"]
@@ -106,8 +106,6 @@ def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None, bloc
          gated: bool = False) -> torch.Tensor:
     """x: [1, K], w: [M, K] -> x @ w.T: [1, M] (into `out`, contiguous [1, M], when given).
     gated: x is [1, 2K] (gate | up) and the product is silu(gate) * up @ w.T."""
-    from services.inference.engine import triton_ops
-
     kernel = _kernel()
     m, k = w.shape
     bm, bk, warps = tile(m, k)
@@ -129,7 +127,5 @@ def mm_out(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, use_gemv: bool, 
     if use_gemv and applies(x, w, gated):
         return gemv(x, w, out, gated=gated)
     if gated:
-        from services.inference.engine import ops
-
         x = ops.silu_mul(x, w.shape[1])
     return torch.mm(x, w.t(), out=out)
