@@ -81,27 +81,31 @@ def test_fused_batched_decode_equals_python_path(default_model, dtype):
     prompts = [[1, 504, 3458, 282], [1, 77, 88, 99, 100, 101, 102], [1, 9]]
     tables = [tuple(range(k, 48, 3)) for k in range(3)]                     # interleaved blocks
 
-    def run():
-        outs, toks, pos = [], [], []
+    def run(fed=None):
+        """Logits of 5 batched steps, each fed the previous step's greedy tokens, or fed[step]."""
+        outs, toks, pos, used = [], [], [], []
         for i, p in enumerate(prompts):
             lg = runner.execute(StepPlan((Chunk(i, tuple(p), 0, tables[i], True),), 0))
             toks.append(int(lg[-1].float().argmax()))
             pos.append(len(p))
-        for _ in range(5):
+        for step in range(5):
+            toks = fed[step] if fed else toks
+            used.append(toks)
             plan = StepPlan(tuple(Chunk(i, (toks[i],), pos[i], tables[i], True) for i in range(3)), 3)
             lg = runner.execute(plan)
             outs.append(lg.clone())
             toks = [int(t) for t in lg.float().argmax(-1)]
             pos = [x + 1 for x in pos]
-        return outs
+        return outs, used
 
     keep = runner.model.fused_decode
     assert keep is not None and keep.loops
-    fast = run()                       # bf16 with AVX512-BF16: attention in place; else the ATen ops
     keep.loops = False
-    aten = run()                       # batched, the ATen ops in C++: bit-identical to Python
+    aten, _ = run()                    # batched, the ATen ops in C++: bit-identical to Python
     runner.model.fused_decode = None
-    plain = run()
+    plain, fed = run()
+    runner.model.fused_decode, keep.loops = keep, True
+    fast, _ = run(fed)                 # bf16 with AVX512-BF16: attention in place (same inputs as plain)
     assert all(torch.equal(a, b) for a, b in zip(aten, plain))
     if dtype == "float32" or not keep.ext.has_paged_attention():
         assert all(torch.equal(a, b) for a, b in zip(fast, plain))
