@@ -29,7 +29,7 @@ from .config import DeepseekConfig
 from .fp8_matmul import TENSOR_CORE, WEIGHT_ONLY
 from .moe import DenseMLP, MoE
 from .params import shard_range
-from .weights import Linear, sharded_param
+from .weights import Linear, init_dummy, sharded_param
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,10 @@ class DeepseekV3ForCausalLM(nn.Module):
         return model.eval()
 
     # -- engine interface -------------------------------------------------------------------
+    def init_dummy_weights(self) -> None:
+        """load_format "dummy": random weights, FP8 ones with valid block scales (weights.init_dummy)."""
+        init_dummy(self)
+
     def skip_checkpoint_tensor(self, name: str) -> bool:
         """Other ranks' experts and the MTP module(s) stored after the last layer are never read."""
         m = _EXPERT.match(name)

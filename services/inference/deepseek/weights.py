@@ -146,3 +146,35 @@ def _maybe_dequant(w: nn.Parameter) -> None:
     w.data.copy_(dequant_slice(w.data, s.data, r0, c0, w.block, w.dtype))
     w.raw_fp8 = False
     s.data = torch.empty(0, device=s.device)     # the scales are folded in: free them
+
+
+def init_dummy(model: nn.Module, low: float = -0.02, high: float = 0.02) -> None:
+    """Random weights of the right shapes (load_format "dummy"), seeded per parameter name so that
+    replicated tensors (the router above all) are the same on every rank.
+
+    FP8 weights cannot be drawn directly (no uniform_ for float8_e4m3fn): they are drawn in bf16 over
+    e4m3's range and cast, and their 128x128 block scales are positive (amax / 448 of a uniform
+    weight in [low, high], times 0.5-1.5 per block), so dequantized weights lie in [1.5 low, 1.5 high]
+    and every kernel reads valid blocks. Tensor-core operands are prepared as a load would."""
+    import zlib
+
+    amp = max(abs(low), abs(high))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            g = torch.Generator(device=p.device).manual_seed(zlib.crc32(name.encode()))
+            if getattr(p, "is_scale", False):
+                p.uniform_(0.5, 1.5, generator=g).mul_(amp / 448.0)
+            elif p.dtype == FP8:
+                flat = p.data.view(-1) if p.data.is_contiguous() else None
+                rows = [flat] if flat is not None else list(p.data.view(-1, p.shape[-1]))
+                for dst in rows:
+                    for i in range(0, dst.numel(), 1 << 26):          # bf16 staging in 128 MB chunks
+                        part = dst[i:i + (1 << 26)]
+                        tmp = torch.empty(part.shape, dtype=torch.bfloat16, device=p.device)
+                        part.copy_(tmp.uniform_(-448.0, 448.0, generator=g).to(FP8))
+            else:
+                p.uniform_(low, high, generator=g)
+            p.loaded = True
+        for m in model.modules():
+            if isinstance(m, Linear) and getattr(m.weight, "tc_backend", None) is not None:
+                _prepare(m.weight)

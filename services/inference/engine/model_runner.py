@@ -51,8 +51,12 @@ class ModelRunner:
             self.model = cls(self.hf_config, comm, self.dtype, self.device, self.max_model_len, **extra).eval()
             if config.load_format == "dummy":
                 self.weight_bytes_read = 0
-                for prm in self.model.parameters():
-                    prm.uniform_(-0.02, 0.02)
+                init = getattr(self.model, "init_dummy_weights", None)   # FP8 blocks need valid scales
+                if init is not None:
+                    init()
+                else:
+                    for prm in self.model.parameters():
+                        prm.uniform_(-0.02, 0.02)
             else:
                 self.weight_bytes_read = load_weights(self.model, config.model)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
