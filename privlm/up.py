@@ -293,10 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"({', '.join(f'{c.name} :{c.port}' for c in children)}); logs in {log_dir}", flush=True)
             print("metrics (Prometheus): " + ", ".join(f"{n} http://127.0.0.1:{p}/metrics"
                                                       for n, p in args.metrics_ports.items()), flush=True)
-            if args.state_file:
-                args.state_file.write_text(json.dumps(
-                    {c.name: {"port": c.port, "pid": c.proc.pid} for c in children}
-                    | {"log_dir": str(log_dir), "tls_dir": transport.tls_dir, "metrics": args.metrics_ports}))
+            publish_state(args.state_file, children, log_dir, transport.tls_dir, args.metrics_ports)
             if args.demo:
                 run_demo(gateway.port, args.question, transport)
             if not args.exit_after_demo:
@@ -310,6 +307,26 @@ def main(argv: list[str] | None = None) -> int:
             child.stop(args.grace)
         print("privlm stopped: all services exited", flush=True)
     return code
+
+
+def publish_state(path: Path | None, children: list[Child], log_dir: Path, tls_dir: str | None,
+                  metrics: dict) -> None:
+    """Write the state file (ports and pids of the running services) by rename, so a reader never
+    sees half a file; called again after every restart, since operators kill and inspect by it."""
+    if path is None:
+        return
+    state = ({c.name: {"port": c.port, "pid": c.proc.pid, "restarts": c.restarts} for c in children if c.proc}
+             | {"log_dir": str(log_dir), "tls_dir": tls_dir, "metrics": metrics})
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o644)
+            f.write(json.dumps(state))
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def health_status(child: Child, transport) -> int | None:
@@ -347,6 +364,7 @@ def supervise(children: list[Child], log_dir: Path, args, stop_requested: list, 
             child.stop(args.grace if child.alive() else 0)
             child.restarts += 1
             child.start(log_dir)
+            publish_state(args.state_file, children, log_dir, transport.tls_dir, args.metrics_ports)
             try:
                 wait_serving(child, args.startup_timeout, transport)
                 log.info("%s SERVING again (restart %d)", child.name, child.restarts)
