@@ -125,10 +125,11 @@ def _profile_decode(runner) -> None:
 
 TP2_VARIANTS = {                     # label -> EngineConfig overrides; "default" is the shipped config
     "default": {},                                                       # Triton GEMV/attention + fused AR
-    "no_pdl": {"pdl": False},                                            # plain launches (session 4 + gated GEMV)
+    "no_pdl": {"pdl": False},                                            # plain launches with the gated GEMV
     "unfused": {"fused_all_reduce_norm": False},                         # one-shot AR, then add + RMSNorm
     "torch_kernels": {"decode_kernels": "torch"},                        # cuBLAS + torch attention
-    "torch_unfused": {"decode_kernels": "torch", "fused_all_reduce_norm": False},   # session 3's default
+    # cuBLAS + torch attention with the unfused all-reduce
+    "torch_unfused": {"decode_kernels": "torch", "fused_all_reduce_norm": False},
     "gloo_plans": {"plan_channel": "gloo"},
     "nccl_graphs": {"custom_all_reduce": False, "plan_channel": "gloo", "cuda_graphs_tp": True},
     "nccl_eager": {"custom_all_reduce": False, "plan_channel": "gloo", "cuda_graphs_tp": False},

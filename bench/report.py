@@ -1,4 +1,12 @@
-"""One JSON object per figure, to stdout and bench/results/NAME.json (DESIGN.md, Performance method)."""
+"""One JSON object per figure, printed as one line to stdout and written to bench/results/NAME.json.
+
+Keys: name (dotted figure name), unit, value, baseline (the same run's comparison figure or null),
+ratio (value/baseline, or baseline/value when better is "lower", so > 1 means better than the
+baseline; null without a baseline), target (the ratio to reach, or null for a reported figure),
+better ("higher" or "lower"), machine (CPU model and threads, or GPU name and count), then any
+figure-specific keys the benchmark passes. Each run overwrites NAME.json; bench/table.py renders the
+files as a table.
+"""
 from __future__ import annotations
 
 import json

@@ -104,7 +104,9 @@ def prepare(dest: Path | None = None, force: bool = False, log=print) -> Path:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                      dtype=torch.float32)
-        # The GGUF quantizer refuses to serialise until detached (DESIGN.md).
+        # The weights are already dequantized, but save_pretrained refuses a GGUF-loaded model
+        # ("quantized with gguf and is not serializable") until model.hf_quantizer is None and
+        # config.quantization_config is deleted.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config

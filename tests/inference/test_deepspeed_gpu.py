@@ -1,6 +1,7 @@
 """DeepSpeed backend on CUDA (NCCL for the tensors, gloo for the plans). Skipped without 2 GPUs;
-run on a GPU machine with `python -m pytest tests/inference/test_deepspeed_gpu.py` (deepspeed, hjson
-and pydantic travel as wheels there: see DESIGN.md)."""
+run on a GPU machine with `python -m pytest tests/inference/test_deepspeed_gpu.py`; besides torch and
+transformers that machine needs the deepspeed backend's pinned packages from pyproject.toml installed
+(deepspeed 0.19.8 with hjson, py-cpuinfo, ninja, einops, msgpack, psutil, pydantic, tqdm)."""
 from __future__ import annotations
 
 import queue
