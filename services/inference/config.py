@@ -1,7 +1,7 @@
 """Configuration of the worker group: the engine (model, parallelism, KV cache) and its server."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from privlm.config import check
 from privlm.transport import TransportConfig
@@ -28,7 +28,10 @@ class EngineConfig:
     prefill_chunk: int | None = None        # max prefill tokens of one sequence per step; None: the budget
     long_prefill_threshold: int | None = None  # prompts with more tokens left than this are chunked at
                                             # prefill_chunk, shorter ones go whole; None: prefill_chunk
-    rank_timeout_s: float = 60.0            # collective / rendezvous timeout between ranks
+    rank_timeout_s: float = 60.0            # collective / rendezvous timeout between ranks (an idle
+                                            # group stays up: rank 0 sends keep-alives, keepalive_s)
+    start_timeout_s: float | None = None    # ranks meeting at start (process start, imports);
+                                            # None: rank_timeout_s
     load_format: str = "safetensors"        # "dummy": random weights of the right shapes (benchmarks)
     cuda_graphs: bool = True                # CUDA only: replay captured graphs for pure-decode steps
     cuda_graphs_tp: bool = True             # CUDA graphs also at tp > 1 (all-reduces inside the graph)
@@ -55,6 +58,8 @@ class EngineConfig:
 
     def __post_init__(self):
         check(self.tp >= 1, f"tp must be >= 1, got {self.tp}")
+        check(self.rank_timeout_s > 0, f"rank_timeout_s must be > 0, got {self.rank_timeout_s}")
+        check(self.start_timeout_s is None or self.start_timeout_s > 0, "start_timeout_s must be > 0")
         check(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
         check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         check(self.device in ("cpu", "cuda"), f"device must be 'cpu' or 'cuda', got {self.device!r}")
@@ -68,6 +73,16 @@ class EngineConfig:
         check(self.decode_kernels in ("auto", "triton", "torch"), "decode_kernels must be 'auto', 'triton' or 'torch'")
         check(self.overlap_decode in ("auto", "on", "off"), "overlap_decode must be 'auto', 'on' or 'off'")
 
+    @property
+    def rendezvous_timeout_s(self) -> float:
+        return self.rank_timeout_s if self.start_timeout_s is None else self.start_timeout_s
+
+    @property
+    def keepalive_s(self) -> float:
+        """Longest time rank 0 leaves followers without a message while idle: a follower's wait for
+        the next plan is a collective bounded by rank_timeout_s, so a quarter of it leaves room for
+        a late keep-alive (a long step, a busy host)."""
+        return self.rank_timeout_s / 4
 
     @property
     def overlap_enabled(self) -> bool:

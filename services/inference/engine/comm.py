@@ -18,8 +18,10 @@ log = logging.getLogger(__name__)
 class Comm:
     """Rank/size plus the few collectives the engine needs. tp=1 needs no process group."""
 
-    def __init__(self, rank: int = 0, size: int = 1, pg=None, store=None, device: str = "cpu", cpu_pg=None):
+    def __init__(self, rank: int = 0, size: int = 1, pg=None, store=None, device: str = "cpu", cpu_pg=None,
+                 timeout_s: float = 60.0):
         self.rank, self.size, self.pg, self.store = rank, size, pg, store
+        self.timeout_s = timeout_s                               # the group's rank timeout
         self.cpu_pg = cpu_pg if cpu_pg is not None else pg      # control plane: plans, small ints
         self.device = torch.device(device)
         self.symm = None                                         # SymmAllReduce when enabled (CUDA)
@@ -36,7 +38,7 @@ class Comm:
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = timeout
             pg = dist.ProcessGroupNCCL(dist.PrefixStore("privlm_tp", store), rank, size, opts)
-        return cls(rank, size, pg, store, device, cpu_pg)
+        return cls(rank, size, pg, store, device, cpu_pg, timeout_s)
 
     @property
     def is_driver(self) -> bool:
@@ -92,11 +94,11 @@ class Comm:
         from services.inference.engine.shm_channel import ShmChannel
 
         if self.rank == 0:
-            ch = ShmChannel(None, 0, self.size) if offer else None
+            ch = ShmChannel(None, 0, self.size, timeout_s=self.timeout_s) if offer else None
             self._gloo_broadcast_object(None if ch is None else ch.name)
         else:
             name = self._gloo_broadcast_object()
-            ch = None if name is None else ShmChannel(name, self.rank, self.size)
+            ch = None if name is None else ShmChannel(name, self.rank, self.size, timeout_s=self.timeout_s)
         self.channel = ch
         return ch is not None
 

@@ -19,9 +19,18 @@ from services.inference.engine.model_runner import ModelRunner
 from services.inference.engine.sampler import new_generator, sample
 from services.inference.engine.scheduler import Chunk, Scheduler, StepPlan
 from services.inference.engine.sequence import Sequence
-from services.inference.types import (EngineOverloaded, EngineStats, EngineUnavailable, EventCallback,
-                                      FinishReason, GenerationRequest, InvalidRequest, ModelInfo,
-                                      SamplingParams, TokenEvent)
+from services.inference.types import (
+    EngineOverloaded,
+    EngineStats,
+    EngineUnavailable,
+    EventCallback,
+    FinishReason,
+    GenerationRequest,
+    InvalidRequest,
+    ModelInfo,
+    SamplingParams,
+    TokenEvent,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +58,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, runner: ModelRunner, group=None, thread: ComputeThread | None = None):
         """thread: the thread that built the runner; the step loop runs on it (see compute_thread.py)."""
         self.config, self.runner, self.group = config, runner, group
-        from privlm.telemetry import instruments   # no-op meters unless the process set up telemetry
+        from privlm.telemetry import instruments  # no-op meters unless the process set up telemetry
 
         self._instruments = instruments.get()
         hf = runner.hf_config
@@ -245,15 +254,22 @@ class LLMEngine:
                     self._gens.pop(seq.seq_id, None)
                     self._emit(item, (), FinishReason.CANCELLED)
 
+    def _idle(self) -> bool:
+        return not self._inbox and not self.scheduler.has_work()
+
     def _loop(self) -> None:
         try:
             while True:
                 with self._lock:
-                    while not self._inbox and not self._stopping and self._healthy \
-                            and not self.scheduler.has_work():
-                        self._wake.wait()
+                    if self._idle() and not self._stopping and self._healthy:
+                        # bounded at tp > 1: idle followers need a keep-alive (model_runner.IDLE)
+                        self._wake.wait(self.runner.keepalive_due_s())
                     if self._stopping or not self._healthy:
                         break
+                    idle = self._idle()
+                if idle:
+                    self.runner.keep_alive()
+                    continue
                 self._drain_inbox()
                 if self.scheduler.has_work():
                     self._step()
@@ -284,7 +300,8 @@ class LLMEngine:
             self._apply(plan, dict(zip((c.seq_id for c in plan.chunks), handle.tokens())), t_launch)
             return
         plan = sched.schedule()
-        if not plan.chunks:
+        if not plan.chunks:            # work that cannot be scheduled yet: followers still wait
+            self.runner.keep_alive()
             time.sleep(0.001)
             return
         for c in plan.chunks:          # first prefill chunk: tell the consumer queueing is over

@@ -46,9 +46,17 @@ def _device(config: EngineConfig, local_rank: int) -> str:
 def _comm_from_launcher(config: EngineConfig, rank: int, world: int, local_rank: int) -> Comm:
     if world != config.tp:
         raise ValueError(f"WORLD_SIZE={world} but tp={config.tp}: they must match")
-    timeout = datetime.timedelta(seconds=config.rank_timeout_s)
+    timeout = datetime.timedelta(seconds=config.rendezvous_timeout_s)
     store, rank, world = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+    _meet(store, rank, world, config)
     return Comm.create(store, rank, world, _device(config, local_rank), config.rank_timeout_s)
+
+
+def _meet(store, rank: int, world: int, config: EngineConfig) -> None:
+    """Wait (rendezvous_timeout_s) until every rank's process is up: the process groups connect
+    within rank_timeout_s only, and starting a rank (interpreter, imports) can take longer."""
+    store.set(f"privlm_up/{rank}", "1")
+    store.wait([f"privlm_up/{r}" for r in range(world)], datetime.timedelta(seconds=config.rendezvous_timeout_s))
 
 
 HEARTBEAT_S = 0.5                  # launcher followers bump a store counter this often
@@ -128,7 +136,7 @@ class LocalGroup:
 
 def start_local_group(config: EngineConfig) -> tuple[Comm, LocalGroup]:
     """Rank 0 in this process, ranks 1..tp-1 as child processes; rendezvous on a free port."""
-    timeout = datetime.timedelta(seconds=config.rank_timeout_s)
+    timeout = datetime.timedelta(seconds=config.rendezvous_timeout_s)
     store = dist.TCPStore("127.0.0.1", 0, config.tp, True, timeout=timeout, wait_for_workers=False)
     threads = config.threads or max(1, (os.cpu_count() or 1) // config.tp)
     cfg = json.dumps(dataclasses.asdict(config))
@@ -143,6 +151,7 @@ def start_local_group(config: EngineConfig) -> tuple[Comm, LocalGroup]:
         procs.append(subprocess.Popen([sys.executable, "-m", "services.inference.engine.follower", cfg],
                                       env=env, cwd=str(REPO_ROOT)))
     try:
+        _meet(store, 0, config.tp, config)
         comm = Comm.create(store, 0, config.tp, _device(config, 0), config.rank_timeout_s)
     except Exception:
         for p in procs:

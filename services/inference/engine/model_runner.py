@@ -2,11 +2,14 @@
 
 Rank 0 broadcasts each plan to the follower ranks, every rank runs the same forward (the
 tensor-parallel layers all-reduce inside), and rank 0 gets the logits of the rows to sample.
+An idle rank 0 sends IDLE at least every config.keepalive_s: a follower waits for the next plan
+inside a collective that times out after rank_timeout_s, and idle is a normal state.
 """
 from __future__ import annotations
 
 import math
 import os
+import time
 
 import torch
 from transformers import AutoConfig
@@ -20,6 +23,7 @@ from services.inference.engine.scheduler import StepPlan
 from services.inference.engine.step_tokens import StepTokens
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+IDLE = "idle"          # rank 0 -> followers: no work yet, keep waiting (a keep-alive)
 
 
 def context_window(hf_config) -> int:
@@ -29,6 +33,7 @@ def context_window(hf_config) -> int:
 class ModelRunner:
     def __init__(self, config: EngineConfig, comm: Comm):
         self.config, self.comm = config, comm
+        self._sent = time.monotonic()       # rank 0: when followers last got a message
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", config.tp))   # ranks sharing this host
         threads = config.threads or max(1, (os.cpu_count() or 1) // max(1, local_ranks))
         torch.set_num_threads(threads)
@@ -126,27 +131,45 @@ class ModelRunner:
     # -- driver / follower entry points -----------------------------------------------------
     def step(self, plan: StepPlan) -> torch.Tensor | None:
         """Rank 0: broadcast the plan, run it; returns logits [S, V] of the rows to sample."""
-        self.comm.broadcast_object(plan)
+        self._publish(plan)
         return self.execute(plan)
 
     def launch(self, plan: StepPlan):
         """Rank 0, plan.device_greedy: broadcast and enqueue the plan without waiting for the device;
         returns a handle whose .tokens() waits for the argmax of its sampled rows (list[int])."""
-        self.comm.broadcast_object(plan)
+        self._publish(plan)
         self.execute(plan)
         return self._tokens.start(self.last_ids)
 
+    def keepalive_due_s(self) -> float | None:
+        """Rank 0: seconds until idle followers need a keep-alive (None: no followers)."""
+        if self.comm.size == 1:
+            return None
+        return max(0.0, self.config.keepalive_s - (time.monotonic() - self._sent))
+
+    def keep_alive(self) -> None:
+        """Rank 0 while idle: send IDLE if followers got nothing for keepalive_s (steps count, so
+        a busy group never sends one)."""
+        if self.comm.size > 1 and time.monotonic() - self._sent >= self.config.keepalive_s:
+            self._publish(IDLE)
+
+    def _publish(self, msg) -> None:
+        self.comm.broadcast_object(msg)
+        self._sent = time.monotonic()
+
     def follow(self) -> None:
-        """Followers: execute broadcast plans until rank 0 sends None."""
+        """Followers: execute broadcast plans until rank 0 sends None (skipping keep-alives)."""
         while True:
             plan = self.comm.broadcast_object()
             if plan is None:
                 self.comm.quiesce()
                 return
+            if plan == IDLE:
+                continue
             self.execute(plan)
 
     def stop_followers(self) -> None:
-        self.comm.broadcast_object(None)
+        self._publish(None)
         self.comm.quiesce()
 
     # -- one forward -----------------------------------------------------------------------
