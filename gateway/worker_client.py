@@ -1,6 +1,7 @@
 """Client side of the internal worker API (privlm.internal.v1.Worker), as domain calls."""
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -48,6 +49,8 @@ class WorkerClient:
         try:
             async for msg in call:
                 finish = FINISH_NAMES.get(msg.finish_reason) if msg.finish_reason else None
+                if finish is not None:
+                    await _until_end(call)
                 yield WorkerChunk(tuple(msg.token_ids), finish, msg.prompt_tokens)
         except grpc.aio.AioRpcError as err:
             code = err.code()
@@ -59,6 +62,19 @@ class WorkerClient:
 
     async def close(self) -> None:
         await self.channel.close()
+
+
+END_WAIT_S = 5.0            # the worker ends its stream right after the final message
+
+
+async def _until_end(call) -> None:
+    """After the final message: wait for the worker's status, so the call ends OK on both sides
+    rather than CANCELLED by the caller closing the iterator (bounded: a stream that does not end
+    is then cancelled by generate's finally)."""
+    try:
+        await asyncio.wait_for(call.code(), END_WAIT_S)
+    except (asyncio.TimeoutError, grpc.RpcError):
+        pass
 
 
 def _reraise(err: grpc.aio.AioRpcError) -> Exception:

@@ -12,8 +12,7 @@ from typing import Any, Awaitable, Callable
 
 import grpc
 from opentelemetry import propagate, trace
-from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
-from opentelemetry.instrumentation.grpc import filters
+from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor, filters
 
 from privlm.telemetry import instruments as _instruments
 
@@ -29,6 +28,9 @@ def _untraced_method(method: str) -> bool:
 
 
 def _code_name(context: grpc.aio.ServicerContext, exc: BaseException | None) -> str:
+    """The RPC's final code. A response stream closed from outside (GeneratorExit: grpc dropped it
+    once the call ended from the client's side) is CANCELLED, or DEADLINE_EXCEEDED, unless the
+    servicer set a code first (the worker sets OK before its final message)."""
     if isinstance(exc, asyncio.CancelledError):
         return "CANCELLED"
     code = None
@@ -42,6 +44,9 @@ def _code_name(context: grpc.aio.ServicerContext, exc: BaseException | None) -> 
         for sc in grpc.StatusCode:
             if sc.value[0] == code:
                 return sc.name
+    if isinstance(exc, GeneratorExit):
+        left = context.time_remaining()
+        return "DEADLINE_EXCEEDED" if left is not None and left <= 0 else "CANCELLED"
     if exc is not None:
         return "UNKNOWN"
     return "OK"
@@ -107,9 +112,9 @@ class _StreamingClientSpan:
     """Client span for response-streaming calls that ends when the call ends, however it ends.
 
     opentelemetry-instrumentation-grpc ends a streaming client span only when the response iterator
-    is exhausted; a caller that stops reading after the final message and cancels (the gateway does)
-    leaves the span open until garbage collection, so it is exported late or never. Ending it from
-    the call's done-callback gives the right duration and status either way.
+    is exhausted; a caller that stops reading early and cancels leaves the span open until garbage
+    collection, so it is exported late or never. Ending it from the call's done-callback gives the
+    right duration and status either way.
     """
 
     def __init__(self, tracer: trace.Tracer, traced: Callable[[Any], bool]):
@@ -146,8 +151,8 @@ class _StreamingClientSpan:
         try:
             code = await call.code()
             span.set_attribute(RPC_GRPC_STATUS_CODE_ATTR, code.value[0])
-            # CANCELLED here is the caller's own decision (the gateway cancels once it has the final
-            # message), not a failure of the call.
+            # CANCELLED here is the caller's own decision (e.g. its client went away), not a failure
+            # of the call; a finished stream is read to its end and ends OK (gateway/worker_client.py).
             if code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
                 span.set_status(trace.Status(trace.StatusCode.ERROR, f"{code.name}: {await call.details()}"))
         finally:

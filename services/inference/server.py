@@ -13,16 +13,15 @@ import uuid
 from pathlib import Path
 
 import grpc
-
-from privlm.errors import InvalidArgument, Unavailable
-from privlm.transport import add_transport_args, transport_from_args
-from privlm.grpcserver import NOT_SERVING, SERVING, add_health_and_reflection, bind, new_server, wait_for_stop
-from privlm.internal.v1 import worker_pb2, worker_pb2_grpc
-from services.inference.config import EngineConfig, WorkerServerConfig
 from opentelemetry import context as otel_context
 
+from privlm.errors import InvalidArgument, Unavailable
+from privlm.grpcserver import NOT_SERVING, SERVING, add_health_and_reflection, bind, new_server, wait_for_stop
+from privlm.internal.v1 import worker_pb2, worker_pb2_grpc
 from privlm.telemetry import instruments
 from privlm.telemetry.spans import RequestTimeline
+from privlm.transport import add_transport_args, transport_from_args
+from services.inference.config import EngineConfig, WorkerServerConfig
 from services.inference.types import Engine, FinishReason, GenerationRequest, SamplingParams, TokenEvent
 
 log = logging.getLogger("privlm.worker")
@@ -99,6 +98,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     finished = True
                     msg.finish_reason = _FINISH[last.finish_reason]
                     msg.prompt_tokens = last.prompt_tokens or len(req.prompt_token_ids)
+                    # the outcome is decided: a caller that closes the stream after this message
+                    # ends an OK call (the RPC metrics read this code), not an UNKNOWN one
+                    context.set_code(grpc.StatusCode.OK)
                 yield msg
         finally:
             if not finished:
