@@ -1,26 +1,31 @@
-"""DeepSeek MoE + MLA decode speed on GPU: the native model vs transformers, and the MLA cache size.
+"""DeepSeek decode speed through the engine (create_engine, as the worker serves), random weights.
 
-Model: a random-initialised DeepSeek-V2-Lite-sized model (27 layers, hidden 2048, 16 heads,
-kv_lora 512, 64 routed experts of 1408, 6 per token, 2 shared, first layer dense, 102400 vocab;
-15.7B parameters, bf16) in the DeepSeek-V3 layout (sigmoid router). Weights' values don't change
-speed (DESIGN.md); the native model gets transformers' exact weights so the logits can be compared.
-
-Figures (decode tokens/s = B * (n - 1) / (t(n) - t(1)): prefill and first token excluded, both
-implementations warmed up with the same shapes first, same process, same GPU):
-  deepseek.gpu1.decode_bs{1,32}_vs_hf        native (CUDA graph) vs transformers generate()
-  deepseek.gpu1.decode_bs1_vs_roofline        native vs bytes-per-token / measured copy bandwidth
-  deepseek.gpu2.decode_bs{1,32}_vs_gpu1       2 GPUs (attention TP + expert parallel, NCCL) vs 1
-  deepseek.kv_bytes_per_token                 MLA latent vs a conventional K/V cache
-`--smoke` runs the same code on CPU with a tiny model (gloo for 2 ranks) to check the script.
+Models (load_format "dummy", config.json only):
+  v2lite    DeepSeek-V2-Lite-sized in the V3 layout: 27 layers, hidden 2048, 16 heads, kv_lora 512,
+            64 routed experts of 1408 (6 per token) + 2 shared, first layer dense, vocab 102400 (bf16)
+  r1slice   R1's widths (data/deepseek-r1/config.json) with 7 of its 61 layers: 3 dense + 4 MoE
+            (256 experts of 2048, 8 per token, 1 shared), vocab 129280; bf16, and FP8 with keep_fp8
+            (e4m3 weights, 128x128 block scales; the embedding and lm_head stay bf16)
+Figures (JSON lines: name, unit, value, baseline, ratio, target, better, machine, ...):
+  deepseek.<model>.<dtype>.decode_bs<B>   decode tokens/s of B concurrent requests (prompt 128,
+      `--new` tokens each; from the last request's first token to the end; median of `--reps`,
+      range in the line); at batch 1 the baseline is the roofline = copy bandwidth / (weight bytes
+      read per token + KV bytes at the mean context)
+  deepseek.r1slice.fp8_vs_bf16_bs1        FP8 batch-1 tokens/s over bf16's (target 1.7)
+`--profile`: kernel-time table of a graphed batch-1 step of each model (torch profiler).
+`--smoke`: a tiny model on CPU through the same code (checks the script).
+`--check LAYERS`: native vs transformers on this device (see check()).
 """
 from __future__ import annotations
 
 import argparse
-import os
+import datetime
+import gc
+import json
+import statistics
 import sys
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
 import torch
@@ -30,6 +35,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.report import report  # noqa: E402
+
+TARGETS = {("v2lite", "bf16", 1): None, ("v2lite", "bf16", 32): 3500.0}
+FP8_BLOCK = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
 
 
 def config(smoke: bool):
@@ -51,38 +59,6 @@ def config(smoke: bool):
         return DeepseekV3Config(num_mtp_layers=0, **kw)
     except TypeError:              # transformers releases before multi-token prediction support
         return DeepseekV3Config(**kw)
-
-
-def _timed(fn, dev) -> float:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    fn()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t
-
-
-def decode_tps(gen, B: int, n: int, dev) -> float:
-    """gen(B, n) generates n tokens for B prompts; decode tokens/s with prefill subtracted."""
-    gen(B, n)                                     # warm-up, same shapes
-    gen(B, 1)
-    t_n = min(_timed(lambda: gen(B, n), dev) for _ in range(2))
-    t_1 = min(_timed(lambda: gen(B, 1), dev) for _ in range(2))
-    return B * (n - 1) / max(t_n - t_1, 1e-9)
-
-
-def init_native(model) -> None:
-    """Random weights, identical on every rank for replicated tensors (seed from the name)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            g = torch.Generator(device=p.device).manual_seed(zlib.crc32(name.encode()))
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif name.endswith(("e_score_correction_bias", "weight_scale_inv")):
-                p.zero_()
-            else:
-                p.normal_(0.0, 0.02, generator=g)
 
 
 def copy_from_hf(model, hf) -> None:
@@ -107,80 +83,14 @@ def copy_from_hf(model, hf) -> None:
             p.weight_loader(p, src)
 
 
-def copy_bandwidth(dev) -> float:
-    """Bytes moved per second by a device-to-device copy (read + write)."""
-    a = torch.empty(256 * 2**20, dtype=torch.uint8, device=dev)
-    b = torch.empty_like(a)
-    b.copy_(a)
-    t = min(_timed(lambda: b.copy_(a), dev) for _ in range(5))
-    return 2 * a.numel() / t
-
-
-def decode_bytes_per_token(cfg) -> int:
-    """Weights read by one batch-1 decode step (bf16): all but unrouted experts and the embedding."""
-    from services.inference.deepseek.params import tensor_specs
-
-    total = 0
-    for s in tensor_specs(cfg):
-        if s.name == "model.embed_tokens.weight":
-            continue
-        if s.split == "expert":
-            total += s.numel * 2 * cfg.num_experts_per_tok // cfg.n_routed_experts
-        else:
-            total += s.numel * (4 if s.name.endswith(("gate.weight", "e_score_correction_bias")) else 2)
-    return total
-
-
-def native_rates(model, prompts, n, dev, graphs: bool) -> dict[str, float]:
-    from services.inference.deepseek.cuda_graph import greedy_graph
-    from services.inference.deepseek.generate import greedy
-
-    run = greedy_graph if graphs else greedy
-    rates = {}
-    for B in sorted({1, len(prompts)}):
-        try:
-            rates[f"bs{B}"] = decode_tps(lambda b, k: run(model, prompts[:b], k), B, n, dev)
-        except Exception as exc:          # keep the eager figure if capture fails on this stack
-            if not graphs:
-                raise
-            print(f"# CUDA graph decode failed at batch {B}: {exc!r}; eager instead", file=sys.stderr)
-            rates[f"bs{B}"] = decode_tps(lambda b, k: greedy(model, prompts[:b], k), B, n, dev)
-            rates[f"bs{B}_graph_failed"] = 1.0
-    return rates
-
-
-def rank_main(rank: int, world: int, store_path: str, smoke: bool, batch: int, plen: int, n: int,
-              out: str) -> None:
-    """One rank of the multi-GPU run: native model only, random weights."""
-    import torch.distributed as dist
-
-    from services.inference.deepseek.model import DeepseekV3ForCausalLM
-    from services.inference.engine.comm import Comm
-
-    dev = torch.device("cpu") if smoke else torch.device("cuda", rank)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    comm = Comm.create(dist.FileStore(store_path, world), rank, world, dev.type)
-    dtype = torch.float32 if smoke else torch.bfloat16
-    model = DeepseekV3ForCausalLM(config(smoke), comm, dtype, dev).eval()
-    init_native(model)
-    g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(0, model.cfg.vocab_size, (batch, plen), generator=g).tolist()
-    rates = native_rates(model, prompts, n, dev, graphs=dev.type == "cuda")
-    if rank == 0:
-        torch.save({"rates": rates, "weight_bytes": model.weight_bytes()}, out)
-
-
 def check(dev, layers: int = 3) -> None:
     """Correctness on this device: native vs transformers logits (fp32 and bf16, V2-Lite widths,
-    `layers` layers, both MoE paths), greedy tokens vs generate(), CUDA-graph vs eager tokens
-    (bf16). One JSON line."""
+    `layers` layers, both MoE paths) and greedy tokens vs generate(). One JSON line."""
     import json
 
     from transformers import DeepseekV3ForCausalLM as HF
 
     from services.inference.deepseek.config import DeepseekConfig
-    from services.inference.deepseek.cuda_graph import greedy_graph
     from services.inference.deepseek.generate import _prefill_meta, greedy
     from services.inference.deepseek.model import DeepseekV3ForCausalLM
 
@@ -214,11 +124,6 @@ def check(dev, layers: int = 3) -> None:
                 if l.is_moe:
                     l.mlp.impl = "grouped" if dt == torch.bfloat16 else "loop"
             eager = greedy(model, ps, 12)
-            if dt == torch.bfloat16:         # graphs need the sync-free grouped (bf16) MoE
-                try:
-                    out["bf16_graph_tokens_equal_eager"] = greedy_graph(model, ps, 12) == eager
-                except Exception as exc:
-                    out["bf16_graph_error"] = repr(exc)[:200]
             hf_tok = [hf.generate(torch.tensor([p], device=dev), attention_mask=torch.ones(1, 20, dtype=torch.long,
                                   device=dev), max_new_tokens=12, do_sample=False, eos_token_id=None,
                                   pad_token_id=0)[0, 20:].tolist() for p in ps]
@@ -229,114 +134,177 @@ def check(dev, layers: int = 3) -> None:
     print(json.dumps(out), flush=True)
 
 
+def r1_slice_config(layers: int = 7, fp8: bool = True) -> dict:
+    """R1's config.json with `layers` layers (the first 3 dense), MTP off; FP8 block config or none."""
+    d = json.loads((ROOT / "data" / "deepseek-r1" / "config.json").read_text())
+    d.pop("auto_map", None)
+    d.update(num_hidden_layers=layers, num_nextn_predict_layers=0)
+    d.pop("quantization_config", None)
+    if fp8:
+        d["quantization_config"] = dict(FP8_BLOCK)
+    return d
+
+
+def model_folder(tmp: Path, name: str, smoke: bool) -> Path:
+    """config.json of the named model ("v2lite", "r1slice_bf16", "r1slice_fp8") in its own folder."""
+    folder = tmp / name
+    folder.mkdir(parents=True, exist_ok=True)
+    if name == "v2lite" or smoke:
+        d = config(smoke).to_dict()
+        d["architectures"] = ["DeepseekV3ForCausalLM"]
+        if name.endswith("fp8"):
+            d["quantization_config"] = dict(FP8_BLOCK)
+    else:
+        d = r1_slice_config(7, fp8=name.endswith("fp8"))
+    (folder / "config.json").write_text(json.dumps(d))
+    return folder
+
+
+def copy_bandwidth(dev) -> float:
+    """Bytes per second of a 2 GiB device-to-device copy (read + write), the practical roofline."""
+    n = (2 << 30) if dev.type == "cuda" else (64 << 20)
+    a = torch.empty(n, dtype=torch.uint8, device=dev)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        b.copy_(a)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    bw = 2 * n * 10 / (time.perf_counter() - t)
+    del a, b
+    return bw
+
+
+def bytes_per_token(model, context: float) -> int:
+    """Bytes one batch-1 decode step reads: every parameter but the embedding, routed experts at
+    top_k / n_routed (their scales likewise), plus the latent cache of `context` positions."""
+    cfg = model.cfg
+    total = 0
+    for name, p in model.named_parameters():
+        if name == "model.embed_tokens.weight":
+            continue
+        b = p.numel() * p.element_size()
+        if ".mlp.experts." in name:
+            b = b * cfg.num_experts_per_tok / cfg.n_routed_experts
+        total += b
+    layers, slot = model.kv_cache_spec()
+    return int(total + layers * slot[0] * model.dtype.itemsize * context)
+
+
+def decode_rate(engine, B: int, plen: int, n: int, tag: str, vocab: int) -> float:
+    """Decode tokens/s of B concurrent requests: tokens after each request's first one, from the
+    last first token to the last token."""
+    from bench.bench_engine_cpu import _submit
+
+    prompts = [[(i * 7919 + k * 104729) % (vocab - 10) + 5 for i in range(plen)] for k in range(B)]
+    tls = [_submit(engine, f"{tag}-{k}", p, n) for k, p in enumerate(prompts)]
+    for tl in tls:
+        if not tl.done.wait(600):
+            raise TimeoutError(f"{tag}: a request did not finish in 600 s")
+        if tl.events_error:
+            raise RuntimeError(tl.events_error)
+    first = max(tl.times[0] for tl in tls)
+    last = max(tl.times[-1] for tl in tls)
+    return sum(len(tl.times) - 1 for tl in tls) / (last - first)
+
+
+def bench_model(name: str, folder: Path, dtype: str, keep_fp8: bool, batches: list[int], args, dev, bw, rows):
+    from services.inference.config import EngineConfig
+    from services.inference.engine import create_engine
+
+    plen, n = args.prompt, args.new
+    ec = EngineConfig(model=str(folder), dtype=dtype, device=dev.type, load_format="dummy", keep_fp8=keep_fp8,
+                      max_model_len=4096, kv_cache_bytes=(4 << 30) if dev.type == "cuda" else (64 << 20),
+                      max_num_seqs=max(batches), max_num_batched_tokens=max(2048, plen * 4),
+                      threads=2 if dev.type == "cpu" else None)
+    t0 = time.perf_counter()
+    engine = create_engine(ec)
+    print(f"# {name}: engine up in {time.perf_counter() - t0:.1f} s", flush=True)
+    out = {}
+    try:
+        model = engine.runner.model
+        bpt = bytes_per_token(model, plen + n / 2)
+        roof = bw / bpt
+        for B in batches:
+            decode_rate(engine, B, plen, min(n, 8), f"warm{B}", model.cfg.vocab_size)   # graphs captured
+            rates = [decode_rate(engine, B, plen, n, f"{name}{B}.{r}", model.cfg.vocab_size)
+                     for r in range(args.reps)]
+            med = statistics.median(rates)
+            out[B] = med
+            model_name, dt = name.split(".")
+            row = report(f"deepseek.{name}.decode_bs{B}", "tokens/s", med, roof if B == 1 else None,
+                         TARGETS.get((model_name, dt, B)) if B != 1 else None, "higher",
+                         runs=[round(r, 1) for r in rates], range=[round(min(rates), 1), round(max(rates), 1)],
+                         roofline_tok_s=round(roof, 1), bytes_per_token_bs1=bpt, copy_bandwidth_gb_s=round(bw / 1e9, 1),
+                         prompt_tokens=plen, new_tokens=n, keep_fp8=keep_fp8, decode_kernels=model.decode_kernels,
+                         fp8_matmul=model.fp8_matmul, **args.meta)
+            rows.append(row)
+        if args.profile and dev.type == "cuda":
+            from bench.bench_engine_gpu import _profile_decode
+
+            _profile_decode(engine.runner)
+    finally:
+        engine.shutdown()
+        del engine
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench_deepseek", description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU (script check, no figures kept)")
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--models", default="v2lite,r1slice_bf16,r1slice_fp8")
+    ap.add_argument("--batches", default="1,32", help="v2lite batch sizes")
+    ap.add_argument("--r1-batches", default="1,8,32")
     ap.add_argument("--prompt", type=int, default=128)
-    ap.add_argument("--new", type=int, default=32)
-    ap.add_argument("--gpus", type=int, default=None, help="also run on this many GPUs (default: up to 2)")
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
     ap.add_argument("--check", type=int, default=0, metavar="LAYERS",
                     help="only check correctness on this device with a LAYERS-layer model")
     args = ap.parse_args(argv)
     if args.check:
         check(torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"), args.check)
         return 0
-    smoke = args.smoke
-    if not smoke and not torch.cuda.is_available():
+    if not args.smoke and not torch.cuda.is_available():
         print("bench_deepseek: needs a CUDA GPU (use --smoke for a CPU check of the script)", file=sys.stderr)
         return 0
-    from transformers import DeepseekV3ForCausalLM as HF
+    from bench.gpu_deepseek_check import telemetry_shim
 
-    from services.inference.deepseek.config import DeepseekConfig
-    from services.inference.deepseek.model import DeepseekV3ForCausalLM
-
-    dev = torch.device("cpu") if smoke else torch.device("cuda", 0)
-    dtype = torch.float32 if smoke else torch.bfloat16
-    hf_cfg = config(smoke)
-    cfg = DeepseekConfig.from_dict(hf_cfg.to_dict())
-    g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt), generator=g).tolist()
-    n = args.new
-    name = "deepseek.smoke" if smoke else "deepseek"
-
-    # --- transformers, one device ---------------------------------------------------------------
-    torch.manual_seed(0)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    with torch.device(dev):
-        hf = HF(hf_cfg).eval()
-    torch.set_default_dtype(prev)
-
-    def hf_gen(B, k):
-        ids = torch.tensor(prompts[:B], device=dev)
-        with torch.no_grad():
-            return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k, min_new_tokens=k,
-                               do_sample=False, eos_token_id=None, pad_token_id=0)
-    hf_rates = {f"bs{B}": decode_tps(hf_gen, B, n, dev) for B in sorted({1, args.batch})}
-
-    # --- native, same weights ---------------------------------------------------------------
-    model = DeepseekV3ForCausalLM(cfg, None, dtype, dev).eval()
-    copy_from_hf(model, hf)
-    T = min(32, args.prompt)
-    with torch.no_grad():
-        ids = torch.tensor(prompts[0][:T], device=dev)
-        want = hf(ids[None]).logits[0, -1].float()
-    from services.inference.deepseek.generate import _prefill_meta
-    layers, shape = model.kv_cache_spec()
-    cache = torch.zeros(layers, T, *shape, dtype=dtype, device=dev)
-    slots = torch.arange(T, device=dev)
-    got = model.compute_logits(model(ids, slots, _prefill_meta([0], [T], [slots]), cache)[-1:])[0]
-    logit_diff = float((got - want).abs().max() / want.abs().max())
-    del hf
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-    graph_tokens_equal = None
-    if dev.type == "cuda":
-        from services.inference.deepseek.cuda_graph import greedy_graph
-        from services.inference.deepseek.generate import greedy
-        try:
-            graph_tokens_equal = greedy_graph(model, prompts[:4], 8) == greedy(model, prompts[:4], 8)
-        except Exception as exc:
-            print(f"# CUDA graph check failed: {exc!r}", file=sys.stderr)
-    eager = native_rates(model, prompts, n, dev, graphs=False)
-    graphed = native_rates(model, prompts, n, dev, graphs=True) if dev.type == "cuda" else eager
+    shim = telemetry_shim()
+    dev = torch.device("cpu") if args.smoke else torch.device("cuda", 0)
+    gpu = torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu"
+    args.meta = dict(gpu=gpu, gpu_count=torch.cuda.device_count() if dev.type == "cuda" else 0,
+                     date=datetime.date.today().isoformat(), torch=torch.__version__, telemetry_noop_shim=shim,
+                     command="python3 bench/bench_deepseek.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    if args.smoke:
+        args.reps, args.new, args.prompt = 1, 6, 8
     bw = copy_bandwidth(dev)
-    bytes_tok = decode_bytes_per_token(cfg)
-    common = dict(prompt_tokens=args.prompt, new_tokens=n, dtype=str(dtype).replace("torch.", ""),
-                  params=sum(s.numel for s in __import__("services.inference.deepseek.params",
-                                                           fromlist=["x"]).tensor_specs(cfg)),
-                  logits_rel_diff_vs_hf=round(logit_diff, 5), graph_tokens_equal_eager=graph_tokens_equal)
-    for key in hf_rates:
-        common["cuda_graph"] = dev.type == "cuda" and f"{key}_graph_failed" not in graphed
-        report(f"{name}.gpu1.decode_{key}_vs_hf", "tokens/s", graphed[key], hf_rates[key], None, "higher",
-               native_eager_tok_s=round(eager[key], 2), **common)
-    roof = bw / bytes_tok
-    report(f"{name}.gpu1.decode_bs1_vs_roofline", "tokens/s", graphed["bs1"], roof, None, "higher",
-           bytes_per_token=bytes_tok, copy_bandwidth_gb_s=round(bw / 1e9, 1), **common)
-    kv_mla = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * 2
-    kv_mha = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * cfg.num_hidden_layers * 2
-    report(f"{name}.kv_bytes_per_token", "bytes", kv_mla, kv_mha, None, "lower",
-           cache="MLA latent (kv_lora_rank + qk_rope_head_dim) vs K+V of every head, bf16")
-
-    # --- several devices: attention TP + expert parallel ----------------------------------------
-    gpus = args.gpus if args.gpus is not None else (2 if smoke else min(2, torch.cuda.device_count()))
-    del model
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-    if gpus > 1:
-        import torch.multiprocessing as mp
-
-        with tempfile.TemporaryDirectory() as tmp:
-            out = os.path.join(tmp, "rank0.pt")
-            mp.start_processes(rank_main, args=(gpus, os.path.join(tmp, "store"), smoke, args.batch,
-                                                args.prompt, n, out), nprocs=gpus, join=True, start_method="spawn")
-            res = torch.load(out)
-        for key, rate in res["rates"].items():
-            if key.endswith("_graph_failed"):
-                continue
-            report(f"{name}.gpu{gpus}.decode_{key}_vs_gpu1", "tokens/s", rate, graphed[key], None, "higher",
-                   weight_bytes_rank0=res["weight_bytes"], **common)
+    rows: list[dict] = []
+    rates: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for m in args.models.split(","):
+            folder = model_folder(Path(tmp), m, args.smoke)
+            dt = "float32" if args.smoke else "bfloat16"
+            fp8 = m.endswith("fp8")
+            batches = [int(b) for b in (args.batches if m == "v2lite" else args.r1_batches).split(",")]
+            label = f"{m.split('_')[0]}.{'fp8' if fp8 else 'bf16'}"
+            rates[label] = bench_model(label, folder, dt, fp8, batches, args, dev, bw, rows)
+    a, b = rates.get("r1slice.fp8", {}).get(1), rates.get("r1slice.bf16", {}).get(1)
+    if a and b:
+        rows.append(report("deepseek.r1slice.fp8_vs_bf16_bs1", "ratio", a / b, None, 1.7, "higher",
+                           fp8_tok_s=round(a, 1), bf16_tok_s=round(b, 1), **args.meta))
+    if args.out:
+        with open(args.out, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
     return 0
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 
 import torch
-
 from ds_tiny import build, prompts
+
 from services.inference.config import EngineConfig
 from services.inference.deepseek.fp8 import FP8, dequant_slice
 from services.inference.deepseek.weights import Linear

@@ -20,7 +20,9 @@ from torch import nn
 
 from services.inference.engine.attention import AttnMetadata
 
+from . import mla_triton, norm_triton
 from .config import DeepseekConfig, RopeConfig
+from .fp8 import FP8
 from .weights import Linear, sharded_param
 
 
@@ -75,7 +77,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
 
 
 class MLAttention(nn.Module):
-    def __init__(self, cfg: DeepseekConfig, tp_rank: int, tp: int, dtype, device=None):
+    def __init__(self, cfg: DeepseekConfig, tp_rank: int, tp: int, dtype, device=None, kernels: bool = False):
+        """kernels: decode steps that carry a block table (the engine's CUDA-graph steps) run
+        mla_triton.mla_decode, and linears take the decode GEMVs (weights.Linear)."""
         super().__init__()
         self.cfg = cfg
         self.h = cfg.num_attention_heads // tp            # local heads
@@ -85,7 +89,7 @@ class MLAttention(nn.Module):
         b = cfg.fp8_block
 
         def lin(o, i, rows=None, cols=None, tensor_core=True):
-            return Linear(o, i, dtype, device, rows, cols, b, cfg.keep_fp8, tensor_core)
+            return Linear(o, i, dtype, device, rows, cols, b, cfg.keep_fp8, tensor_core, kernels)
         if cfg.q_lora_rank:
             self.q_a_proj = lin(cfg.q_lora_rank, H)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6, dtype, device)
@@ -98,6 +102,8 @@ class MLAttention(nn.Module):
         self.kv_b_proj = lin(h * kvd, kvl, rows=(h0 * kvd, (h0 + h) * kvd), tensor_core=False)
         self.o_proj = lin(H, h * cfg.v_head_dim, cols=(h0 * cfg.v_head_dim, (h0 + h) * cfg.v_head_dim))
         self.scale = cfg.softmax_scale
+        self.kernels = kernels and mla_triton.applies(self.h, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, kvl,
+                                                      cfg.v_head_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttnMetadata,
                 cache: torch.Tensor) -> torch.Tensor:
@@ -109,6 +115,8 @@ class MLAttention(nn.Module):
         c = self.cfg
         N = x.shape[0]
         nope, kvl = c.qk_nope_head_dim, c.kv_lora_rank
+        if self.kernels and meta.decode_table is not None and N == meta.num_decode and not meta.prefills:
+            return self.o_proj(self._decode_kernels(x, cos, sin, meta, cache))
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if c.q_lora_rank else self.q_proj(x)
         q = q.view(N, self.h, c.qk_head_dim)                                  # [N, h, nope+rope]
         q_nope, q_rope = q[..., :nope], apply_rope(q[..., nope:], cos, sin, c.rope_interleave)
@@ -127,6 +135,24 @@ class MLAttention(nn.Module):
             outs.append(self._prefill(q_nope[p.q_start:p.q_end], q_rope[p.q_start:p.q_end], lat, p.mask, w_kv))
         out = outs[0] if len(outs) == 1 else torch.cat(outs)                 # [N, h, v]
         return self.o_proj(out.reshape(N, self.h * c.v_head_dim))
+
+    def _decode_kernels(self, x, cos, sin, meta: AttnMetadata, cache) -> torch.Tensor:
+        """Pure decode through mla_triton: x [B, H] -> attention output [B, h * v] (cache written)."""
+        c = self.cfg
+        if c.q_lora_rank:
+            qa = self.q_a_proj(x)
+            q = self.q_b_proj(norm_triton.rms_norm(qa, self.q_a_layernorm.weight, self.q_a_layernorm.eps))
+        else:
+            q = self.q_proj(x)                                                # [B, h * (nope + rope)]
+        ckv = self.kv_a_proj_with_mqa(x)                                      # [B, kvl + rope]
+        w = self.kv_b_proj.weight
+        fp8 = w.dtype == FP8
+        r0 = (w.rows or (0, 0))[0]
+        return mla_triton.mla_decode(
+            q, ckv, cos, sin, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, cache, meta.slot_mapping,
+            meta.decode_table, meta.decode_lens, meta.block_size, w, self.kv_b_proj.weight_scale_inv if fp8 else None,
+            r0 % 128, heads=self.h, nope=c.qk_nope_head_dim, rope=c.qk_rope_head_dim, kvl=c.kv_lora_rank,
+            v=c.v_head_dim, scale=self.scale, interleave=c.rope_interleave)
 
     def _prefill(self, q_nope, q_rope, lat, mask, w_kv) -> torch.Tensor:
         """q_*: [T, h, *], lat: [C, kvl + rope] of the context -> [T, h, v]; K/V expanded per head.
@@ -164,6 +190,14 @@ def decode_context(cache: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
     rng = getattr(meta, "decode_range", None)
     if rng is not None:
         return cache[rng[0]:rng[1]].unsqueeze(0)
+    if meta.decode_slots is None and meta.decode_table is not None:     # a kernel-style step on this path
+        p = torch.arange(meta.decode_len, device=cache.device)
+        blk = meta.decode_table[:, p // meta.block_size]                 # [B, L]
+        valid = p[None, :] < meta.decode_lens[:, None]                   # a padding row: its own slot alone
+        slots = torch.where(valid & (blk >= 0), blk * meta.block_size + p % meta.block_size,
+                            meta.slot_mapping[:, None])
+        meta.decode_mask = torch.zeros(valid.shape, device=cache.device).masked_fill(~valid, float("-inf"))[:, None, None]
+        return cache[slots]
     slots = meta.decode_slots
     if slots.dim() == 1:
         slots = slots.view(meta.num_decode, -1)

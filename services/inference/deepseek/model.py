@@ -19,10 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.inference.engine import gemv
 from services.inference.engine.attention import AttnMetadata
 from services.inference.engine.comm import Comm
 from services.inference.engine.loader import load_weights
 
+from . import norm_triton
 from .attention import MLAttention, RMSNorm, rope_inv_freq
 from .balance import load_placement
 from .config import DeepseekConfig
@@ -38,20 +40,34 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: DeepseekConfig, i: int, comm: Comm, dtype, device, placement=None):
+    def __init__(self, cfg: DeepseekConfig, i: int, comm: Comm, dtype, device, placement=None,
+                 kernels: bool = False):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.self_attn = MLAttention(cfg, comm.rank, comm.size, dtype, device)
+        self.self_attn = MLAttention(cfg, comm.rank, comm.size, dtype, device, kernels)
         self.is_moe = cfg.is_moe_layer(i)
-        self.mlp = (MoE(cfg, comm.rank, comm.size, dtype, device, placement) if self.is_moe
+        self.mlp = (MoE(cfg, comm.rank, comm.size, dtype, device, placement, kernels) if self.is_moe
                     else DenseMLP(cfg.hidden_size, cfg.intermediate_size, comm.rank, comm.size, dtype, device,
-                                  cfg.fp8_block, cfg.keep_fp8))
+                                  cfg.fp8_block, cfg.keep_fp8, kernels))
         self.comm = comm
 
     def forward(self, h, cos, sin, meta, cache):
         h = h + self.comm.all_reduce(self.self_attn(self.input_layernorm(h), cos, sin, meta, cache))
         return h + self.comm.all_reduce(self.mlp(self.post_attention_layernorm(h)))
+
+    def forward_fused(self, h, pending, cos, sin, meta, cache):
+        """Decode-kernel steps: the residual adds fused with the next RMSNorm (norm_triton). pending:
+        the previous layer's MLP output not yet added to h (None for the first layer). Returns
+        (h, this layer's MLP output), the same values as forward() in the same roundings."""
+        eps = self.input_layernorm.eps
+        if pending is None:
+            x = norm_triton.rms_norm(h, self.input_layernorm.weight, eps)
+        else:
+            h, x = norm_triton.add_rms_norm(h, pending, self.input_layernorm.weight, eps)
+        a = self.comm.all_reduce(self.self_attn(x, cos, sin, meta, cache))
+        h, x = norm_triton.add_rms_norm(h, a, self.post_attention_layernorm.weight, eps)
+        return h, self.comm.all_reduce(self.mlp(x))
 
 
 class VocabEmbedding(nn.Module):
@@ -67,25 +83,29 @@ class VocabEmbedding(nn.Module):
 
 
 class DeepseekModel(nn.Module):
-    def __init__(self, cfg: DeepseekConfig, comm: Comm, dtype, device, placement: dict | None = None):
+    def __init__(self, cfg: DeepseekConfig, comm: Comm, dtype, device, placement: dict | None = None,
+                 kernels: bool = False):
         super().__init__()
         self.embed_tokens = VocabEmbedding(shard_range(cfg.vocab_size, comm.size, comm.rank),
                                            cfg.hidden_size, dtype, device)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, comm, dtype, device, (placement or {}).get(i))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, comm, dtype, device, (placement or {}).get(i), kernels)
                                     for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
 
 
 class DeepseekV3ForCausalLM(nn.Module):
     supports_keep_fp8 = True          # the engine passes keep_fp8=True when EngineConfig.keep_fp8
+    supports_decode_kernels = True    # graphed decode steps carry block tables (AttnMetadata.decode_table)
 
     def __init__(self, hf_config, comm: Comm | None = None, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", max_pos: int | None = None, folder: str | Path | None = None,
-                 keep_fp8: bool = False):
+                 keep_fp8: bool = False, decode_kernels: bool | None = None):
         """hf_config: a transformers config (the engine's call) or a DeepseekConfig. An expert
         placement (balance.py) is read from the model folder when one is there. keep_fp8: an FP8
         checkpoint's linear weights stay FP8 in memory; `fp8_matmul` says how they are multiplied
-        (FP8 tensor cores on a CUDA GPU that has them, else dequantized per call: weights.Linear)."""
+        (FP8 tensor cores on a CUDA GPU that has them, else dequantized per call: weights.Linear).
+        decode_kernels: Triton kernels for decode-sized batches (GEMVs, fused MoE, MLA decode over
+        block tables, norms); None = on for CUDA when triton imports."""
         super().__init__()
         cfg = hf_config if isinstance(hf_config, DeepseekConfig) else DeepseekConfig.from_dict(hf_config.to_dict())
         cfg = dataclasses.replace(cfg, keep_fp8=bool(keep_fp8 and cfg.fp8_block))
@@ -96,7 +116,12 @@ class DeepseekV3ForCausalLM(nn.Module):
         c = self.comm
         device = torch.device(device)
         self.placement = load_placement(folder, c.size)
-        self.model = DeepseekModel(cfg, c, dtype, device, self.placement)
+        if decode_kernels is None:
+            from services.inference.engine import triton_ops
+
+            decode_kernels = device.type == "cuda" and triton_ops.available()
+        self.decode_kernels = bool(decode_kernels)
+        self.model = DeepseekModel(cfg, c, dtype, device, self.placement, self.decode_kernels)
         self.vocab_per_rank = -(-cfg.vocab_size // c.size)
         self.lm_head = nn.Module()
         self.lm_head.weight = sharded_param((self.vocab_per_rank, cfg.hidden_size), dtype, device,
@@ -112,8 +137,10 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, comm: Comm | None = None, dtype: torch.dtype = torch.float32,
-                        device: str = "cpu", keep_fp8: bool = False) -> "DeepseekV3ForCausalLM":
-        model = cls(DeepseekConfig.load(folder), comm, dtype, device, folder=folder, keep_fp8=keep_fp8)
+                        device: str = "cpu", keep_fp8: bool = False,
+                        decode_kernels: bool | None = None) -> "DeepseekV3ForCausalLM":
+        model = cls(DeepseekConfig.load(folder), comm, dtype, device, folder=folder, keep_fp8=keep_fp8,
+                    decode_kernels=decode_kernels)
         with torch.no_grad():
             model.weight_bytes_read = load_weights(model, folder)
         return model.eval()
@@ -143,6 +170,12 @@ class DeepseekV3ForCausalLM(nn.Module):
         freqs = positions.float().unsqueeze(-1) * self.inv_freq              # [N, rope/2]
         af = self.cfg.rope.cos_sin_scale
         cos, sin = (freqs.cos() * af).to(self.dtype), (freqs.sin() * af).to(self.dtype)
+        if self.decode_kernels and meta.decode_table is not None and not meta.prefills:
+            pending = None
+            for layer, cache in zip(self.model.layers, caches):
+                h, pending = layer.forward_fused(h, pending, cos, sin, meta, cache)
+            self.publish_expert_load()
+            return norm_triton.add_rms_norm(h, pending, self.model.norm.weight, self.model.norm.eps)[1]
         for layer, cache in zip(self.model.layers, caches):
             h = layer(h, cos, sin, meta, cache)
         self.publish_expert_load()
@@ -151,7 +184,9 @@ class DeepseekV3ForCausalLM(nn.Module):
     @torch.no_grad()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """hidden: [S, H] -> float32 logits [S, vocab] on rank 0, None on other ranks."""
-        logits = self.comm.gather_cat(F.linear(hidden, self.lm_head.weight).float())
+        w = self.lm_head.weight
+        local = gemv.gemv(hidden, w) if self.decode_kernels and gemv.applies(hidden, w) else F.linear(hidden, w)
+        logits = self.comm.gather_cat(local.float())
         return None if logits is None else logits[:, :self.cfg.vocab_size]
 
     # -- expert load ------------------------------------------------------------------------

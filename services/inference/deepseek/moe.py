@@ -19,6 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.inference.engine import moe_triton
+
+from . import route_triton
 from .config import DeepseekConfig
 from .fp8 import FP8
 from .params import experts_of_rank, shard_range
@@ -26,19 +29,57 @@ from .weights import Linear, sharded_param
 
 
 class DenseMLP(nn.Module):
-    """SwiGLU, column/row parallel over tp ranks; returns the partial down projection."""
+    """SwiGLU, column/row parallel over tp ranks; returns the partial down projection.
+
+    stacked: gate and up live in one tensor w13 [1, 2n, H] and down in w2 [1, H, n] (FP8 scales
+    likewise), the parameters being views named as the checkpoint's keys, so that decode-sized
+    inputs run as the fused MoE's single "shared" expert (kernels: engine/moe_triton.py)."""
 
     def __init__(self, hidden: int, inter: int, tp_rank: int, tp: int, dtype, device=None, block=None,
-                 keep_fp8: bool = False):
+                 keep_fp8: bool = False, kernels: bool = False, stacked: bool = True):
         super().__init__()
         cols = shard_range(inter, tp, tp_rank)
         n = cols[1] - cols[0]
-        self.gate_proj = Linear(n, hidden, dtype, device, rows=cols, block=block, keep_fp8=keep_fp8)
-        self.up_proj = Linear(n, hidden, dtype, device, rows=cols, block=block, keep_fp8=keep_fp8)
-        self.down_proj = Linear(hidden, n, dtype, device, cols=cols, block=block, keep_fp8=keep_fp8)
+        lin = dict(block=block, keep_fp8=keep_fp8, kernels=kernels)
+        self.gate_proj = Linear(n, hidden, dtype, device, rows=cols, **lin)
+        self.up_proj = Linear(n, hidden, dtype, device, rows=cols, **lin)
+        self.down_proj = Linear(hidden, n, dtype, device, cols=cols, **lin)
+        self.fused: moe_triton.Experts | None = None
+        fp8 = self.gate_proj.weight.dtype == FP8
+        if stacked and n:
+            w13, w2, s13, s2 = stack_experts([self], fp8)
+            aligned = not fp8 or (cols[0] % 128 == 0 and n % 128 == 0 and tuple(block) == (128, 128))
+            if kernels and aligned:
+                self.fused = moe_triton.Experts(w13, w2, s13, s2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None and moe_triton.applies(x, None, self.fused):
+            return moe_triton.fused_moe(x, None, None, None, self.fused)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def stack_experts(mlps: list[DenseMLP], fp8: bool):
+    """Rebind the MLPs' weights (and FP8 scales) as views of stacked tensors; returns
+    (w13 [E, 2I, H], w2 [E, H, I], s13 [E, 2 ceil(I/128), ceil(H/128)] | None, s2 | None)."""
+    g, d = mlps[0].gate_proj.weight, mlps[0].down_proj.weight
+    E, (I, H) = len(mlps), g.shape
+    w13 = torch.empty(E, 2 * I, H, dtype=g.dtype, device=g.device)
+    w2 = torch.empty(E, H, I, dtype=d.dtype, device=d.device)
+    s13 = s2 = None
+    if fp8:
+        gs, ds = mlps[0].gate_proj.weight_scale_inv, mlps[0].down_proj.weight_scale_inv
+        s13 = torch.empty(E, 2 * gs.shape[0], gs.shape[1], dtype=gs.dtype, device=gs.device)
+        s2 = torch.empty(E, *ds.shape, dtype=ds.dtype, device=ds.device)
+    for j, m in enumerate(mlps):
+        for lin, view, sview in ((m.gate_proj, w13[j, :I], None if s13 is None else s13[j, :s13.shape[1] // 2]),
+                                 (m.up_proj, w13[j, I:], None if s13 is None else s13[j, s13.shape[1] // 2:]),
+                                 (m.down_proj, w2[j], None if s2 is None else s2[j])):
+            view.copy_(lin.weight.data)
+            lin.weight = rebind(lin.weight, view)
+            if sview is not None:
+                sview.copy_(lin.weight_scale_inv.data)
+                lin.weight_scale_inv = rebind(lin.weight_scale_inv, sview)
+    return w13, w2, s13, s2
 
 
 class Router(nn.Module):
@@ -52,7 +93,7 @@ class Router(nn.Module):
 
 class MoE(nn.Module):
     def __init__(self, cfg: DeepseekConfig, rank: int, world: int, dtype, device=None,
-                 placement: list[list[int]] | None = None):
+                 placement: list[list[int]] | None = None, kernels: bool = False):
         super().__init__()
         self.cfg, self.rank = cfg, rank
         E, H, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
@@ -77,18 +118,20 @@ class MoE(nn.Module):
         # this rank's experts live in two stacked tensors (one grouped GEMM each on GPU); the
         # per-expert parameters are views into them, named as the checkpoint's keys
         fp8 = cfg.keep_fp8 and cfg.fp8_block is not None
-        wdt = FP8 if fp8 else dtype
-        self.register_buffer("w13", torch.zeros(n, 2 * I, H, dtype=wdt, device=device), persistent=False)
-        self.register_buffer("w2", torch.zeros(n, H, I, dtype=wdt, device=device), persistent=False)
         self.experts = nn.ModuleDict()
-        for j, e in enumerate(self.local):
-            mlp = DenseMLP(H, I, 0, 1, dtype, device, cfg.fp8_block, fp8)
-            for lin, view in ((mlp.gate_proj, self.w13[j, :I]), (mlp.up_proj, self.w13[j, I:]),
-                              (mlp.down_proj, self.w2[j])):
-                lin.weight = rebind(lin.weight, view)
+        mlps = [DenseMLP(H, I, 0, 1, dtype, device, cfg.fp8_block, fp8, stacked=False) for _ in self.local]
+        for e, mlp in zip(self.local, mlps):
             self.experts[str(e)] = mlp
-        self.shared_experts = (DenseMLP(H, I * cfg.n_shared_experts, rank, world, dtype, device, cfg.fp8_block, fp8)
-                               if cfg.n_shared_experts else None)
+        w13, w2, s13, s2 = stack_experts(mlps, fp8)
+        self.register_buffer("w13", w13, persistent=False)                   # [n, 2I, H]
+        self.register_buffer("w2", w2, persistent=False)                     # [n, H, I]
+        self.shared_experts = (DenseMLP(H, I * cfg.n_shared_experts, rank, world, dtype, device, cfg.fp8_block, fp8,
+                                        kernels=kernels) if cfg.n_shared_experts else None)
+        # kernels (decode-sized batches): route_triton + engine/moe_triton.py, chosen here
+        self.fused = None
+        if kernels and n and (not fp8 or (I % 128 == 0 and tuple(cfg.fp8_block) == (128, 128))) \
+                and (self.shared_experts is None or self.shared_experts.fused is not None):
+            self.fused = moe_triton.Experts(w13, w2, s13, s2)
         self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.long, device=device),
                              persistent=False)
         self.register_buffer("computed_pairs", torch.zeros((), dtype=torch.long, device=device), persistent=False)
@@ -118,6 +161,16 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [N, H] -> this rank's partial output [N, H] (local experts + its shared-expert share)."""
+        c = self.cfg
+        if self.fused is not None and route_triton.applies(x, c.n_routed_experts, c.n_group) \
+                and moe_triton.applies(x, self.fused, None):
+            w, lid = route_triton.route(
+                x, self.gate.weight, self.gate.e_score_correction_bias, n_group=c.n_group, topk_group=c.topk_group,
+                top_k=c.num_experts_per_tok, norm_topk_prob=c.norm_topk_prob, scaling=c.routed_scaling_factor,
+                local_index=self.local_index, owners=self.owners, n_rep=self.n_rep, rank=self.rank,
+                n_local=len(self.local), counts=self.tokens_per_expert, computed=self.computed_pairs)
+            sh = self.shared_experts.fused if self.shared_experts is not None else None
+            return moe_triton.fused_moe(x, lid, w, self.fused, sh)
         w, ids = self.route(x)
         flat = ids.flatten()                                                  # [N*k]
         self.tokens_per_expert.scatter_add_(0, flat, torch.ones_like(flat))

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from services.inference.engine import fp8_gemv, gemv
+
 from .fp8 import FP8, block_range, dequant_slice
 from .fp8_matmul import TENSOR_CORE, WEIGHT_ONLY, blockwise_linear, prepare_weight, probe
 
@@ -70,10 +72,15 @@ class Linear(nn.Module):
     tensor_core=False: the weight is only read through dense_weight() (MLA's absorbed kv_b_proj)."""
 
     def __init__(self, out_f: int, in_f: int, dtype, device, rows=None, cols=None,
-                 block: tuple[int, int] | None = None, keep_fp8: bool = False, tensor_core: bool = True):
+                 block: tuple[int, int] | None = None, keep_fp8: bool = False, tensor_core: bool = True,
+                 kernels: bool = False):
         super().__init__()
         keep_fp8 = keep_fp8 and block is not None
         self.compute_dtype = dtype
+        # kernels: decode-sized inputs take engine/gemv.py (batch 1, model dtype) or
+        # engine/fp8_gemv.py (FP8 slices starting on a 128 boundary, up to fp8_gemv.MAX_M rows)
+        self.kernels = kernels
+        self.block_aligned = (rows or (0, 0))[0] % 128 == 0 and (cols or (0, 0))[0] % 128 == 0
         self.weight = sharded_param((out_f, in_f), FP8 if keep_fp8 else dtype, device, rows, cols)
         self.weight.keep_fp8 = keep_fp8
         if block is not None:
@@ -100,6 +107,12 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
+        if self.kernels and x.dim() == 2:
+            if w.dtype == FP8:
+                if self.block_aligned and tuple(w.block) == (128, 128) and fp8_gemv.applies(x, w, self.weight_scale_inv):
+                    return fp8_gemv.fp8_linear(x, w, self.weight_scale_inv)
+            elif gemv.applies(x, w):
+                return gemv.gemv(x, w)
         if self.fp8_mode == TENSOR_CORE and w.dtype == FP8:
             mm = getattr(w, "gemm_operands", None) or _prepare(w)
             return blockwise_linear(x, mm[0], mm[1], w.shape[0], w.tc_backend, x.dtype)
