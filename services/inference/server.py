@@ -22,9 +22,13 @@ from privlm.telemetry import instruments
 from privlm.telemetry.spans import RequestTimeline
 from privlm.transport import add_transport_args, transport_from_args
 from services.inference.config import EngineConfig, WorkerServerConfig
-from services.inference.types import Engine, FinishReason, GenerationRequest, SamplingParams, TokenEvent
+from services.inference.types import Engine, EngineUnavailable, FinishReason, GenerationRequest, SamplingParams, TokenEvent
 
 log = logging.getLogger("privlm.worker")
+
+# What callers are told when the worker group fails; the details (exception, rank) go to the log.
+GROUP_FAILED = "the inference worker group failed while serving this request; retry later"
+GROUP_DOWN = "the inference worker group is unavailable (failed or shutting down); retry later"
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
 _FINISH = {
@@ -38,6 +42,14 @@ def _tracer():
     from opentelemetry import trace
 
     return trace.get_tracer("privlm.worker")
+
+
+def _trace_id(ctx) -> str:
+    """The W3C trace id of the RPC's span in ctx (hex), or "-" when untraced."""
+    from opentelemetry import trace
+
+    sc = trace.get_current_span(ctx).get_span_context()
+    return f"{sc.trace_id:032x}" if sc.is_valid else "-"
 
 
 def _to_domain(request: worker_pb2.WorkerGenerateRequest, vocab_size: int) -> GenerationRequest:
@@ -81,7 +93,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 timeline.finished(ev.finish_reason.value)
             loop.call_soon_threadsafe(queue.put_nowait, ev)
 
-        self.engine.submit(req, on_event)
+        try:
+            self.engine.submit(req, on_event)
+        except EngineUnavailable as exc:
+            log.warning("request %s (trace %s) refused: %s", req.request_id, _trace_id(parent), exc)
+            raise Unavailable(GROUP_DOWN) from None
         finished = False
         try:
             while not finished:
@@ -92,7 +108,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 last = events[-1]
                 if last.finish_reason is FinishReason.ERROR:
                     finished = True
-                    raise Unavailable(f"worker group failed: {last.error or 'unknown error'}")
+                    log.error("request %s (trace %s) failed in the worker group: %s", req.request_id,
+                              _trace_id(parent), last.error or "no detail")
+                    raise Unavailable(GROUP_FAILED)
                 msg = worker_pb2.WorkerGenerateResponse(token_ids=tokens)
                 if last.finish_reason is not None:
                     finished = True

@@ -13,7 +13,7 @@ class FinishReason(enum.Enum):
     LENGTH = "length"
     END_OF_SEQUENCE = "eos"
     CANCELLED = "cancelled"
-    ERROR = "error"          # the engine failed (e.g. a rank died); detail in TokenEvent.error
+    ERROR = "error"          # the engine failed (e.g. a rank died); detail for the log in TokenEvent.error
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class TokenEvent:
     token_ids: tuple[int, ...]
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
-    error: str = ""
+    error: str = ""          # what failed (exception, rank): for the worker's log, never for callers
 
 
 @dataclass(frozen=True)

@@ -52,16 +52,17 @@ class Observed:
         cfg = EngineConfig(model=str(model), dtype="float32", **engine)
         self.engine = build_engine(cfg)
         interceptors = server_interceptors(worker_tp, Instruments(MeterProvider(metric_readers=[self.reader])))
-        self.worker, wport, health = lt.run(create_worker(
+        self.worker, self.worker_port, health = lt.run(create_worker(
             WorkerServerConfig(engine=cfg, transport=PLAINTEXT_DEV), self.engine, interceptors))
         lt.run(self.worker.start())
         lt.run(health.set("", SERVING))
-        gcfg = GatewayConfig(transport=PLAINTEXT_DEV, models=(ModelRoute(str(model), f"127.0.0.1:{wport}"),),
+        gcfg = GatewayConfig(transport=PLAINTEXT_DEV, models=(ModelRoute(str(model), f"127.0.0.1:{self.worker_port}"),),
                              allow_anonymous=True)
         self.gateway, port, self.service, _ = lt.run(create_gateway(gcfg, client_interceptors=client_interceptors(gateway_tp)))
         lt.run(self.gateway.start())
         self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         self.stub = pb_grpc.InferenceStub(self.channel)
+        self.worker_channel = grpc.insecure_channel(f"127.0.0.1:{self.worker_port}")   # the gateway's view
 
     def settle(self) -> None:
         """Let late finalizers (closed streams, done-callbacks) run before reading telemetry."""
@@ -85,6 +86,7 @@ class Observed:
 
     def close(self) -> None:
         self.channel.close()
+        self.worker_channel.close()
         self.lt.run(self.gateway.stop(1))
         self.lt.run(self.service.close())
         self.lt.run(self.worker.stop(1))
@@ -120,3 +122,46 @@ def test_finished_streams_are_ok_on_both_sides(loop_thread, default_model, caplo
     finally:
         obs.close()
     assert "Failed to detach context" not in caplog.text
+
+
+
+def test_group_failure_message_names_no_internals(loop_thread, default_model, caplog):
+    """A follower rank killed mid-stream (the step's all-reduce fails or the monitor sees the exit):
+    the worker's caller (the gateway) and the gateway's caller learn what happened and to retry;
+    the worker's log has the details with the request id and trace id."""
+    from privlm.internal.v1 import worker_pb2, worker_pb2_grpc
+
+    caplog.set_level(logging.INFO)
+    obs = Observed(loop_thread, default_model, tp=2, threads=1)
+    try:
+        worker = worker_pb2_grpc.WorkerStub(obs.worker_channel)
+
+        def direct(rid: str, n: int):
+            return worker.Generate(worker_pb2.WorkerGenerateRequest(
+                request_id=rid, prompt_token_ids=[1, 504, 3210, 28, 422], sampling=worker_pb2.WorkerSampling(
+                    max_new_tokens=n, top_p=1.0)), timeout=120)
+
+        got = 0
+        with pytest.raises(grpc.RpcError) as err:
+            for msg in direct("victim-1", 400):
+                got += len(msg.token_ids)
+                if got >= 3 and obs.engine.group.procs[0].poll() is None:
+                    obs.engine.group.procs[0].kill()
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        details = err.value.details()
+        assert "failed while serving this request" in details and "retry" in details, details
+        assert not LEAKS.search(details), details
+        with pytest.raises(grpc.RpcError) as late:          # the group is down now: refused at once
+            list(direct("late-1", 4))
+        assert late.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "retry" in late.value.details() and not LEAKS.search(late.value.details()), late.value.details()
+        with pytest.raises(grpc.RpcError) as public:        # through the gateway
+            obs.stub.Generate(_chat("Name a colour.", 4), timeout=60)
+        assert public.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "retry" in public.value.details() and not LEAKS.search(public.value.details()), public.value.details()
+    finally:
+        obs.close()
+    logged = [r.getMessage() for r in caplog.records if r.name == "privlm.worker"]
+    failed = [m for m in logged if "victim-1" in m and "failed in the worker group" in m]
+    assert failed and re.search(r"trace [0-9a-f]{32}", failed[0]), logged
+    assert any("late-1" in m and "refused" in m for m in logged), logged

@@ -189,7 +189,7 @@ class LLMEngine:
 
     def mark_dead(self, reason: str) -> None:
         """Called by the group monitor when a rank dies: fail everything now, refuse new work."""
-        log.error("worker group unhealthy: %s", reason)
+        log.error("worker group unhealthy: %s; failing requests %s", reason, self._active_ids())
         self._error = reason
         self._healthy = False
         self._fail_all(reason)
@@ -230,6 +230,10 @@ class LLMEngine:
             cb(TokenEvent(request_id, tokens, reason, plen, error))
         except Exception:                       # a broken consumer must not kill the loop
             log.exception("on_event callback failed")
+
+    def _active_ids(self) -> list[str]:
+        with self._lock:
+            return sorted(self._active)
 
     def _fail_all(self, error: str) -> None:
         with self._lock:
@@ -274,7 +278,7 @@ class LLMEngine:
                 if self.scheduler.has_work():
                     self._step()
         except Exception as exc:                # the group is out of sync: nothing can be trusted
-            log.exception("engine step failed")
+            log.exception("engine step failed; failing requests %s", self._active_ids())
             self._error = f"engine step failed: {type(exc).__name__}: {exc}"
             self._healthy = False
         finally:

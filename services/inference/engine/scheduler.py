@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from services.inference.engine.block_manager import BlockManager
-from services.inference.engine.sequence import Sequence, SeqStatus
+from services.inference.engine.sequence import SeqStatus, Sequence
 from services.inference.types import FinishReason
 
 
