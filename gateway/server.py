@@ -6,26 +6,33 @@ import asyncio
 import logging
 from pathlib import Path
 
-import grpc
-
 from gateway.config import GatewayConfig, ModelRoute
 from gateway.service import Chunk, GatewayService, GenerateInput
-from gateway.tenants import TenantInterceptor, TenantRegistry, current_tenant, load_tenants
+from gateway.tenants import TenantInterceptor, current_tenant, load_tenants
+from privlm.errors import InvalidArgument
+from privlm.grpcserver import NOT_SERVING, SERVING, add_health_and_reflection, bind, new_server, wait_for_stop
 from privlm.transport import add_transport_args, transport_from_args
-from privlm.grpcserver import SERVING, add_health_and_reflection, bind, new_server, wait_for_stop
 from privlm.v1 import inference_pb2 as pb
 from privlm.v1 import inference_pb2_grpc as pb_grpc
 
 log = logging.getLogger("privlm.gateway")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+# Health names that follow the worker groups: what needs generation. Audit and the risk stream
+# (HE scoring; explanations are skipped without a model) stay SERVING while no worker answers.
+GENERATION_SERVICES = ("", SERVICE_NAME, "privlm.v1.Confidential")
 FINISH = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP,
           "eos": pb.FINISH_REASON_END_OF_SEQUENCE, "cancelled": pb.FINISH_REASON_CANCELLED}
 
 
-def input_from_pb(req: pb.GenerateRequest | pb.TokenizeRequest) -> GenerateInput:
+def input_from_pb(req: pb.GenerateRequest | pb.TokenizeRequest, config: GatewayConfig) -> GenerateInput:
+    """Counts are checked before the repeated fields become tuples: that copy is per element."""
     tenant = current_tenant.get()
     which = req.WhichOneof("input")
+    if which == "chat" and len(req.chat.messages) > config.max_chat_messages:
+        raise InvalidArgument(f"chat.messages: at most {config.max_chat_messages} messages")
+    if isinstance(req, pb.GenerateRequest) and len(req.sampling.stop) > config.max_stop_sequences:
+        raise InvalidArgument(f"sampling.stop: at most {config.max_stop_sequences} stop sequences")
     messages = tuple((m.role, m.content) for m in req.chat.messages) if which == "chat" else None
     prompt = req.prompt if which == "prompt" else None
     if not isinstance(req, pb.GenerateRequest):
@@ -50,7 +57,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.service = service
 
     async def GenerateStream(self, request, context):
-        inp = input_from_pb(request)
+        inp = input_from_pb(request, self.service.config)
         model = inp.model or self.service.default_model
         async for c in self.service.generate(inp, timeout=context.time_remaining()):
             msg = pb.GenerateStreamResponse(text=c.text, token_ids=c.token_ids)
@@ -62,7 +69,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             yield msg
 
     async def Generate(self, request, context):
-        inp = input_from_pb(request)
+        inp = input_from_pb(request, self.service.config)
         texts, ids, last = [], [], None
         async for c in self.service.generate(inp, timeout=context.time_remaining()):
             texts.append(c.text)
@@ -73,7 +80,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                    request_id=request.request_id)
 
     async def Tokenize(self, request, context):
-        handle, ids = self.service.tokenize(input_from_pb(request))
+        handle, ids = await self.service.tokenize(input_from_pb(request, self.service.config))
         return pb.TokenizeResponse(token_ids=ids, tokens=handle.tokenizer.tokens(ids), count=len(ids),
                                    context_window=handle.info.context_window)
 
@@ -111,7 +118,8 @@ async def create_server(config: GatewayConfig, server_interceptors=(), client_in
     """Build (not start) the gateway: returns (server, port, service, health).
 
     Connects to every worker group first (Describe), so a started gateway knows each model's
-    context window. `extra_services(server, generate_stream) -> [service names]` mounts more
+    context window, then follows their health: the GENERATION_SERVICES names are NOT_SERVING while
+    no worker group answers. `extra_services(server, generate_stream) -> [service names]` mounts more
     servicers (the confidential-compute layer) on the same server.
     """
     service = GatewayService(config, client_interceptors)
@@ -132,6 +140,14 @@ async def create_server(config: GatewayConfig, server_interceptors=(), client_in
     port = bind(server, config.host, config.port, config.transport.server_credentials("gateway"))
     for name in ["", *names]:
         await health.set(name, SERVING)
+    following = [n for n in ["", *names] if n in GENERATION_SERVICES]
+
+    async def follow(serving: bool) -> None:
+        for name in following:
+            await health.set(name, SERVING if serving else NOT_SERVING)
+        log.log(logging.INFO if serving else logging.ERROR, "gateway health: %s %s",
+                following, "SERVING" if serving else "NOT_SERVING (no worker group answers)")
+    service.watch_workers(follow)
     return server, port, service, health
 
 

@@ -29,6 +29,7 @@ current_tenant: contextvars.ContextVar[str] = contextvars.ContextVar("privlm_ten
 UNAUTHENTICATED_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 # Evidence is public by design: a client verifies the service before it trusts it with a token.
 PUBLIC_METHODS = frozenset({"/privlm.v1.Confidential/GetEvidence"})
+MAX_TOKEN_CHARS = 512                      # issued tokens are ~47 characters; longer is never one of ours
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,8 @@ class TenantRegistry:
         auth = next((v for k, v in (metadata or ()) if k == "authorization"), None)
         if not auth:
             raise Unauthenticated("missing 'authorization: Bearer <token>' metadata")
+        if len(auth) > MAX_TOKEN_CHARS:
+            raise Unauthenticated(f"authorization metadata is longer than {MAX_TOKEN_CHARS} characters")
         scheme, _, token = auth.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise Unauthenticated("authorization metadata must be 'Bearer <token>'")

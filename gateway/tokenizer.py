@@ -8,7 +8,10 @@ from privlm.errors import InvalidArgument
 
 
 class ModelTokenizer:
-    """Wraps transformers' tokenizer for one model folder (never touches a hub: local_files_only)."""
+    """Wraps transformers' tokenizer for one model folder (never touches a hub: local_files_only).
+
+    The gateway calls it from its tokenizer threads at once: safe because nothing here changes the
+    fast tokenizer's settings (truncation, padding) after loading; encoding only reads them."""
 
     def __init__(self, model_dir: str | Path):
         from transformers import AutoTokenizer

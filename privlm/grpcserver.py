@@ -14,6 +14,9 @@ from grpc_reflection.v1alpha import reflection
 from privlm.errors import InvalidArgument, status_for
 
 log = logging.getLogger("privlm.grpc")
+# A status message travels in the trailer (16 KiB by default, else the caller sees RESOURCE_EXHAUSTED
+# instead of the real code); messages quote client strings through errors.echo, this caps the rest.
+MAX_STATUS_CHARS = 1024
 
 
 _KEEP = object()
@@ -87,6 +90,8 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: 
     if isinstance(exc, grpc.aio.AbortError) or type(exc).__name__ == "AbortError":
         raise exc
     code, message = status_for(exc)
+    if len(message) > MAX_STATUS_CHARS:
+        message = message[:MAX_STATUS_CHARS] + "..."
     if code == grpc.StatusCode.INTERNAL:
         log.exception("unhandled error in %s", method)
     else:
