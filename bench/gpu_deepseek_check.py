@@ -369,8 +369,10 @@ def part_c(dev, fp8, deq, n: int):
       kernel:      every FP8 Linear's output on the model's real activations vs
                    fp8_block_matmul_reference: max error <= 1% of max |ref| (bf16 output rounding)
       end to end:  rel(tc, deq_bf16) <= 1.5 * rel(emulated, deq_bf16) + 0.02 (max over positions)"""
+    from services.inference.deepseek.fp8 import dequant_slice
     from services.inference.deepseek.fp8_matmul import TENSOR_CORE, Backend, fp8_block_matmul_reference
     from services.inference.deepseek.generate import greedy
+    from services.inference.engine import fp8_gemv
     from services.inference.deepseek.model import DeepseekV3ForCausalLM as Native
     from services.inference.deepseek.weights import Linear
 
@@ -392,7 +394,12 @@ def part_c(dev, fp8, deq, n: int):
     lin_err = []
 
     def hook(mod, args, out):
-        ref = fp8_block_matmul_reference(args[0], mod.weight, mod.weight_scale_inv)
+        x = args[0]
+        if mod.kernels and mod.block_aligned and x.dim() == 2 and fp8_gemv.applies(x, mod.weight, mod.weight_scale_inv):
+            # decode-sized rows: engine/fp8_gemv.py (activation kept in bf16, weight dequantized)
+            ref = F.linear(x.float(), dequant_slice(mod.weight, mod.weight_scale_inv, dtype=torch.float32))
+        else:
+            ref = fp8_block_matmul_reference(x, mod.weight, mod.weight_scale_inv)
         lin_err.append(float((out.float() - ref).abs().max() / ref.abs().max().clamp(min=1e-30)))
     hooks = [m.register_forward_hook(hook) for m in tc.modules()
              if isinstance(m, Linear) and m.fp8_mode == TENSOR_CORE]

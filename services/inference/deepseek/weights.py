@@ -163,7 +163,8 @@ def _maybe_dequant(w: nn.Parameter) -> None:
 
 def init_dummy(model: nn.Module, low: float = -0.02, high: float = 0.02) -> None:
     """Random weights of the right shapes (load_format "dummy"), seeded per parameter name so that
-    replicated tensors (the router above all) are the same on every rank.
+    replicated tensors (the router above all) are the same on every rank. Norm weights are 1 and
+    the router's correction bias 0.
 
     FP8 weights cannot be drawn directly (no uniform_ for float8_e4m3fn): they are drawn in bf16 over
     e4m3's range and cast, and their 128x128 block scales are positive (amax / 448 of a uniform
@@ -177,6 +178,10 @@ def init_dummy(model: nn.Module, low: float = -0.02, high: float = 0.02) -> None
             g = torch.Generator(device=p.device).manual_seed(zlib.crc32(name.encode()))
             if getattr(p, "is_scale", False):
                 p.uniform_(0.5, 1.5, generator=g).mul_(amp / 448.0)
+            elif name.endswith("norm.weight"):            # unit norms, no router bias: routing spreads
+                p.fill_(1.0)                              # over experts as in a trained model (a bias
+            elif name.endswith("e_score_correction_bias"):   # of +-0.02 would pick the same experts for
+                p.zero_()                                 # every token of a random model)
             elif p.dtype == FP8:
                 flat = p.data.view(-1) if p.data.is_contiguous() else None
                 rows = [flat] if flat is not None else list(p.data.view(-1, p.shape[-1]))

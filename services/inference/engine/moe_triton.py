@@ -17,7 +17,8 @@ number of experts hit return at once.
 
 Weights: stacked per expert, w13 [E, 2I, H] (gate rows then up rows), w2 [E, H, I], in the model
 dtype or float8_e4m3fn with 128x128 block scales s13 [E, 2I/128, ceil(H/128)], s2 [E, ceil(H/128),
-I/128] (I a multiple of 128; dequantized in registers, the activation stays in the model dtype).
+I/128] (I a multiple of 128), dequantized in registers and rounded to the model dtype as
+Linear.dense_weight does; the activation stays in the model dtype.
 Roundings follow the torch path: gate and up rounded to the model dtype, silu rounded, the product
 rounded; the down product rounded before its routing weight; sums in fp32.
 """
@@ -143,15 +144,17 @@ def _kernels():
             x = tl.load(x_rows + c[None, :], mask=valid[:, None] & cm[None, :], other=0.0)   # [BT, BK]
             wg = tl.load(g_rows + c[None, :], mask=rm[:, None] & cm[None, :], other=0.0)   # [BM, BK]
             wu = tl.load(u_rows + c[None, :], mask=rm[:, None] & cm[None, :], other=0.0)
+            if FP8:                  # dequantized in registers, rounded to the model dtype (dense_weight)
+                sg = tl.load(s_base + (r0 // 128) * sr + c // 128, mask=cm, other=0.0)
+                su = tl.load(s_base + ((r0 + inter) // 128) * sr + c // 128, mask=cm, other=0.0)
+                wg = (wg.to(tl.float32) * sg[None, :]).to(x.dtype)
+                wu = (wu.to(tl.float32) * su[None, :]).to(x.dtype)
             if F32DOT:
                 pg = tl.dot(x.to(tl.float32), tl.trans(wg.to(tl.float32)), input_precision="ieee")
                 pu = tl.dot(x.to(tl.float32), tl.trans(wu.to(tl.float32)), input_precision="ieee")
             else:
                 pg = tl.dot(x, tl.trans(wg.to(x.dtype)))
                 pu = tl.dot(x, tl.trans(wu.to(x.dtype)))
-            if FP8:                                  # BK == 128: one scale per row block and step
-                pg = pg * tl.load(s_base + (r0 // 128) * sr + k0 // 128)
-                pu = pu * tl.load(s_base + ((r0 + inter) // 128) * sr + k0 // 128)
             acc_g += pg
             acc_u += pu
         g = round_to(acc_g, ROUND)
@@ -194,12 +197,13 @@ def _kernels():
             cm = c < inter
             a = tl.load(a_rows + c[None, :], mask=valid[:, None] & cm[None, :], other=0.0)   # [BT, BK]
             w = tl.load(w_rows + c[None, :], mask=rm[:, None] & cm[None, :], other=0.0)     # [BM, BK]
+            if FP8:
+                sw = tl.load(s_base + (r0 // 128) * sr + c // 128, mask=cm, other=0.0)
+                w = (w.to(tl.float32) * sw[None, :]).to(a.dtype)
             if F32DOT:
                 part = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
             else:
                 part = tl.dot(a, tl.trans(w.to(a.dtype)))
-            if FP8:
-                part = part * tl.load(s_base + (r0 // 128) * sr + k0 // 128)
             acc += part
         y = round_to(acc, ROUND)
         if j < NS:
@@ -280,7 +284,7 @@ def fused_moe(x: torch.Tensor, lid: torch.Tensor | None, rw: torch.Tensor | None
         IS, sact, sy = 0, x, y
         sw13, sw2, ss13, ss2 = routed.w13[0], routed.w2[0], s13[0], s2[0]
     fp8 = (routed or shared).fp8
-    bk = 128 if fp8 else 256
+    bk = 256
     slots = ns + (shared is not None)
     inter_max = max(I, IS)
     if slots:
