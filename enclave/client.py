@@ -1,10 +1,12 @@
 """Client library: attest the gateway against a pinned policy, seal requests, open sealed streams.
 
-    client = ConfidentialClient(channel, policy, tenant="bank-a")
+    client = ConfidentialClient(channel, policy, tenant="bank-a", token=bearer_token)
     verified = await client.attest()                       # fresh nonce, full verification
     async for resp in client.generate_stream(request):     # GenerateRequest -> GenerateStreamResponse
         ...
 Nothing is sent before the evidence verifies; evidence is re-fetched after policy.max_age_s.
+The bearer token goes with every call except GetEvidence: the gateway is verified before it is
+trusted with a credential.
 """
 from __future__ import annotations
 
@@ -41,11 +43,19 @@ async def fetch_and_verify(stub: enclave_pb2_grpc.ConfidentialStub, policy: Poli
     return ev.verify_bundle(bundle_from_pb(resp.evidence), policy, nonce)
 
 
+def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """`authorization: Bearer <token>` as call metadata. Metadata rather than grpc call credentials:
+    gRPC refuses call credentials on a channel without TLS, and development channels have none."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
 class ConfidentialClient:
-    def __init__(self, channel: grpc.aio.Channel, policy: Policy, tenant: str = ""):
+    def __init__(self, channel: grpc.aio.Channel, policy: Policy, tenant: str = "", token: str | None = None):
         self.stub = enclave_pb2_grpc.ConfidentialStub(channel)
         self.policy = policy
         self.tenant = tenant
+        md = bearer_metadata(token)
+        self._auth = {"metadata": md} if md else {}     # anonymous: no metadata argument at all
         self._verified: ev.Verified | None = None
         self._verified_at = 0.0
 
@@ -78,15 +88,19 @@ class ConfidentialClient:
         sealed = enclave_pb2.SealedRequest(key_id=msg.key_id, kem_id=msg.kem_id, kdf_id=msg.kdf_id,
                                            aead_id=msg.aead_id, enc=msg.enc, ciphertext=msg.ciphertext, aad=msg.aad)
         resp = await self.stub.ProvisionSecret(enclave_pb2.ProvisionSecretRequest(
-            tenant=self.tenant, name=name, sealed=sealed, sent_at_unix_ms=sent_at), timeout=timeout)
+            tenant=self.tenant, name=name, sealed=sealed, sent_at_unix_ms=sent_at), timeout=timeout,
+            **self._auth)
         return bytes(resp.measurement)
+
+    def _call(self, sealed: enclave_pb2.SealedRequest, timeout: float | None):
+        return self.stub.GenerateSealed(sealed, timeout=timeout, **self._auth)
 
     async def generate_stream(self, request: inference_pb2.GenerateRequest, trace_id: str = "",
                               timeout: float | None = None) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
         sealed, ctx = await self.seal_request(request, trace_id)
         started = False
         try:
-            async for resp in open_stream(self.stub.GenerateSealed(sealed, timeout=timeout), ctx, sealed.enc):
+            async for resp in open_stream(self._call(sealed, timeout), ctx, sealed.enc):
                 started = True
                 yield resp
         except grpc.aio.AioRpcError as exc:
@@ -96,7 +110,7 @@ class ConfidentialClient:
                 raise
             await self.attest()
             sealed, ctx = await self.seal_request(request, trace_id)
-            async for resp in open_stream(self.stub.GenerateSealed(sealed, timeout=timeout), ctx, sealed.enc):
+            async for resp in open_stream(self._call(sealed, timeout), ctx, sealed.enc):
                 yield resp
 
 

@@ -10,12 +10,14 @@ import dataclasses
 import grpc
 
 from enclave.config import EnclaveConfig
+from enclave.handlers import add_servicer_parsing_last
 from enclave.runtime import ConfidentialRuntime
 from enclave.service import AuditServicer, ConfidentialServicer, GenerateStream
-from privlm.v1 import audit_pb2, audit_pb2_grpc, enclave_pb2, enclave_pb2_grpc
+from privlm.v1 import audit_pb2, enclave_pb2
 
-CONFIDENTIAL = enclave_pb2.DESCRIPTOR.services_by_name["Confidential"].full_name
-AUDIT = audit_pb2.DESCRIPTOR.services_by_name["Audit"].full_name
+CONFIDENTIAL_SERVICE = enclave_pb2.DESCRIPTOR.services_by_name["Confidential"]
+AUDIT_SERVICE = audit_pb2.DESCRIPTOR.services_by_name["Audit"]
+CONFIDENTIAL, AUDIT = CONFIDENTIAL_SERVICE.full_name, AUDIT_SERVICE.full_name
 
 
 @dataclasses.dataclass
@@ -26,11 +28,14 @@ class Mounted:
 
 def mount(server: grpc.aio.Server, generate_stream: GenerateStream, config: EnclaveConfig,
           runtime: ConfidentialRuntime | None = None, tenant_of=None) -> Mounted:
-    """Like add_confidential_services, but also returns the runtime (counters, audit log)."""
+    """Like add_confidential_services, but also returns the runtime (counters, audit log).
+
+    Requests are parsed after the server's interceptors (enclave/handlers.py), so authentication
+    answers a caller without credentials before its bytes are looked at.
+    """
     runtime = runtime or ConfidentialRuntime(config)
-    enclave_pb2_grpc.add_ConfidentialServicer_to_server(
-        ConfidentialServicer(runtime, generate_stream, tenant_of), server)
-    audit_pb2_grpc.add_AuditServicer_to_server(AuditServicer(runtime.audit), server)
+    add_servicer_parsing_last(server, CONFIDENTIAL_SERVICE, ConfidentialServicer(runtime, generate_stream, tenant_of))
+    add_servicer_parsing_last(server, AUDIT_SERVICE, AuditServicer(runtime.audit))
     return Mounted([CONFIDENTIAL, AUDIT], runtime)
 
 
@@ -39,6 +44,7 @@ def add_confidential_services(server: grpc.aio.Server, generate_stream: Generate
     """Register privlm.v1.Confidential and privlm.v1.Audit; returns their full service names.
 
     `tenant_of(context) -> str | None` (optional): the tenant the gateway authenticated for this
-    call; a sealed request whose authenticated context names another tenant is refused.
+    call; a sealed request whose authenticated context names another tenant is refused, and every
+    refusal is audited under the authenticated tenant.
     """
     return mount(server, generate_stream, config, tenant_of=tenant_of).names

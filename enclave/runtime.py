@@ -122,37 +122,43 @@ class ConfidentialRuntime:
                                      hashes=hashes, labels={"reason": reason}))
         log.info("sealed request rejected: %s", reason)
 
-    def open_request(self, msg: SealedMessage, parse_context) -> tuple[bytes, object, object]:
+    def open_request(self, msg: SealedMessage, parse_context, tenant: str = "") -> tuple[bytes, object, object]:
         """(plaintext, HPKE recipient context, parsed authenticated context). Blocking: use a thread.
 
         `parse_context(aad) -> obj with tenant, sent_at_unix_ms, trace_id` keeps protobuf out of here.
+        `tenant`: the tenant the server's authentication established ("" when it has none);
+        refusals are audited under it (nothing the request says about itself is trusted before it
+        opens), and a request whose sealed context names another tenant is refused.
         Every refusal is counted by reason and audited; tampering with enc, ciphertext, aad or key
         id is refused here, and a replay after a successful open.
         """
         with _span("privlm.enclave.open_sealed", key_id=msg.key_id) as span:
             try:
-                return self._open_request(msg, parse_context)
+                return self._open_request(msg, parse_context, tenant)
             except SealError as exc:
                 span.set_attribute("privlm.reject_reason", exc.reason)
                 raise
 
-    def _open_request(self, msg: SealedMessage, parse_context):
+    def _open_request(self, msg: SealedMessage, parse_context, tenant: str):
         if len(msg.ciphertext) + len(msg.aad) > self.config.max_sealed_request_bytes:
-            self.reject("too_large", msg)
+            self.reject("too_large", msg, tenant)
             raise SealError("too_large", "sealed request exceeds the configured maximum")
         try:
             plaintext, ctx = open_sealed(self.keys, msg)
             meta = parse_context(msg.aad)
             self.replay.check_and_remember(msg.enc, meta.sent_at_unix_ms)
         except SealError as exc:
-            self.reject(exc.reason, msg)
+            self.reject(exc.reason, msg, tenant)
             raise
         except ValueError as exc:
-            self.reject("bad_context", msg)
+            self.reject("bad_context", msg, tenant)
             raise SealError("bad_context", "sealed request context does not parse") from exc
+        if tenant and meta.tenant != tenant:
+            self.reject("tenant_mismatch", msg, tenant, meta.trace_id)
+            raise SealError("tenant_mismatch", "sealed request was made for another tenant")
         with self._lock:
             self.opened += 1
-        self.audit.append(AuditEvent("sealed_request_opened", tenant=_safe_tenant(meta.tenant),
+        self.audit.append(AuditEvent("sealed_request_opened", tenant=_safe_tenant(tenant or meta.tenant),
                                      trace_id=_safe_trace(meta.trace_id) or _current_trace_id(),
                                      hashes={"ciphertext_sha256": sha256_hex(msg.ciphertext)},
                                      labels={"key_id": str(msg.key_id)}))

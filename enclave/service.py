@@ -33,7 +33,7 @@ def checkpoint_pb(cp) -> audit_pb2.SignedCheckpoint:
 
 def seal_error_status(exc: SealError) -> Exception:
     msg = f"{exc.reason}: {exc}"
-    if exc.reason in ("replayed", "stale_request"):
+    if exc.reason in ("replayed", "stale_request", "tenant_mismatch"):
         return PermissionDenied(msg)
     if exc.reason == "unknown_key_id":
         return FailedPrecondition(msg)
@@ -71,22 +71,22 @@ class ConfidentialServicer(enclave_pb2_grpc.ConfidentialServicer):
                                                       for t, r in bundle.additional]),
             simulated=self.rt.simulated, warning=SIMULATION_WARNING if self.rt.simulated else "")
 
+    def _authenticated(self, context) -> str:
+        """The tenant the server's authentication established for this call ("" without one)."""
+        return (self.tenant_of(context) or "") if self.tenant_of is not None else ""
+
     async def GenerateSealed(self, request, context):
         msg = SealedMessage(request.key_id, request.kem_id, request.kdf_id, request.aead_id,
                             bytes(request.enc), bytes(request.ciphertext), bytes(request.aad))
+        tenant = self._authenticated(context)
         try:
-            plaintext, hctx, meta = await asyncio.to_thread(self.rt.open_request, msg, _parse_context)
+            plaintext, hctx, meta = await asyncio.to_thread(self.rt.open_request, msg, _parse_context, tenant)
         except SealError as exc:
             raise seal_error_status(exc) from exc
-        if self.tenant_of is not None:
-            authenticated = self.tenant_of(context)
-            if authenticated is not None and authenticated != meta.tenant:
-                await asyncio.to_thread(self.rt.reject, "tenant_mismatch", msg, authenticated, meta.trace_id)
-                raise PermissionDenied("tenant_mismatch: sealed request was made for another tenant")
         try:
             inner = inference_pb2.GenerateRequest.FromString(plaintext)
         except DecodeError as exc:
-            await asyncio.to_thread(self.rt.reject, "bad_plaintext", msg, meta.tenant, meta.trace_id)
+            await asyncio.to_thread(self.rt.reject, "bad_plaintext", msg, tenant or meta.tenant, meta.trace_id)
             raise InvalidArgument("bad_plaintext: sealed payload is not a GenerateRequest") from exc
         sealer = ResponseSealer(hctx, msg.enc)
         first, finished = True, False
@@ -110,15 +110,13 @@ class ConfidentialServicer(enclave_pb2_grpc.ConfidentialServicer):
             yield enclave_pb2.SealedChunk(response_nonce=sealer.response_nonce if first else b"",
                                           ciphertext=ct, final=True)
 
-
     async def ProvisionSecret(self, request, context):
-        tenant = request.tenant
-        if self.tenant_of is not None:
-            authenticated = self.tenant_of(context)
-            if authenticated is not None and authenticated != tenant:
-                raise PermissionDenied("tenant_mismatch: secrets can only be provisioned for your own tenant")
+        tenant, authenticated = request.tenant, self._authenticated(context)
         s = request.sealed
         msg = SealedMessage(s.key_id, s.kem_id, s.kdf_id, s.aead_id, bytes(s.enc), bytes(s.ciphertext), bytes(s.aad))
+        if authenticated and authenticated != tenant:
+            await asyncio.to_thread(self.rt.reject, "tenant_mismatch", msg, authenticated)
+            raise PermissionDenied("tenant_mismatch: secrets can only be provisioned for your own tenant")
         try:
             await asyncio.to_thread(self.rt.provision_secret, tenant, request.name, msg, request.sent_at_unix_ms)
         except SealError as exc:

@@ -78,7 +78,7 @@ class NvidiaBackend:
         try:
             d = json.loads(evidence)
             report_data = bytes.fromhex(d["report_data"])
-            (kind, overall_token), per_gpu = d["detached_eat"][0], d["detached_eat"][1]
+            (_kind, overall_token), per_gpu = d["detached_eat"][0], d["detached_eat"][1]
         except (ValueError, KeyError, TypeError, IndexError) as exc:
             raise AttestationError("malformed_evidence", f"NVIDIA evidence does not parse: {exc}") from exc
         overall = verify_jwt(overall_token, policy.nvidia_token_keys_pem)
