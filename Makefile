@@ -9,11 +9,12 @@ PROTO_STAMP := .protos-stamp
 RUN_ARGS ?=
 TEST_ARGS ?=
 
-.PHONY: venv run test bench model protos clean help
+.PHONY: venv run test lint bench model protos clean help
 
 help:
 	@echo "make run     start the suite with the default model and ask it a banking question"
-	@echo "make test    run the test suite"
+	@echo "make test    lint (ruff) and run the test suite"
+	@echo "make lint    ruff: lint and import order"
 	@echo "make bench   run the benchmarks (JSON to stdout and bench/results/)"
 	@echo "make model   prepare the embedded default model (SmolLM2-135M-Instruct)"
 	@echo "make protos  generate the gRPC stubs from protos/"
@@ -41,7 +42,10 @@ model: $(STAMP)
 run: protos model
 	$(VENV)/bin/privlm up --demo $(RUN_ARGS)
 
-test: protos model
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: protos model lint
 	$(PY) -m pytest $(TEST_ARGS)
 
 bench: protos model

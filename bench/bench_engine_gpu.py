@@ -61,10 +61,10 @@ def check_tiny() -> bool:
     """Greedy tokens of the engine on CUDA (fp32, graphs on) equal transformers' on a tiny Llama."""
     import torch
 
+    from privlm.testing.engine import generate
+    from privlm.testing.tiny_models import build, hf_greedy
     from services.inference.config import EngineConfig
     from services.inference.engine import create_engine
-    from tests.inference.engine_helpers import generate
-    from tests.inference.tiny_models import build, hf_greedy
 
     with tempfile.TemporaryDirectory() as d:
         path = build("llama", Path(d) / "tiny")
@@ -351,7 +351,8 @@ def main(argv: list[str]) -> None:
     hf = None if args.skip_hf else hf_rate(cfg, prompt, n, 2)
     gpu = torch.cuda.get_device_name(0)
     report("engine.gpu.decode_bs1_roofline", "fraction", bs1 / roofline, None, 0.7, engine_tok_s=round(bs1, 1),
-           engine_no_overlap_tok_s=round(bs1_sync, 1), decode_kernels=args.decode_kernels, roofline_tok_s=round(roofline, 1), copy_bandwidth_gb_s=round(bw / 1e9, 1),
+           engine_no_overlap_tok_s=round(bs1_sync, 1), decode_kernels=args.decode_kernels, roofline_tok_s=round(roofline, 1),
+           copy_bandwidth_gb_s=round(bw / 1e9, 1),
            bytes_per_token=int(weight_read + kv_read), new_tokens=n, prompt_tokens=plen, gpu=gpu)
     report("engine.gpu.decode_bs1_vs_hf", "ratio", bs1 / hf if hf else 0.0, None, 3.0, engine_tok_s=round(bs1, 1),
            hf_bf16_tok_s=None if hf is None else round(hf, 1), gpu=gpu)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.report import report
-from services.he.demo import start_local_server
+from privlm.scenarios.he_demo import start_local_server
 
 F = 64
 

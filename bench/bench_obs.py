@@ -3,7 +3,7 @@
   obs.tracing_cpu_per_token_ratio  server-process CPU seconds per output token, untraced / traced, same
                                  runs as below (target >= 0.97); steadier than wall-clock throughput on a
                                  machine shared with other work
-  obs.tracing_throughput_ratio   output tokens/s through gateway -> worker -> engine with privlm.telemetry
+  obs.tracing_throughput_ratio   output tokens/s through gateway -> worker -> engine with privlm.base.telemetry
                                  interceptors (RPC spans exported over OTLP to the embedded receiver, RPC
                                  metrics), ratio to the same servers without them, sharing one engine,
                                  rounds interleaved (target >= 0.97: < 3% throughput loss)
@@ -15,7 +15,7 @@
 
 Both stacks and the embedded receiver run in this process on one event loop (the engine on its own
 thread), so the export cost is paid on the same cores as serving: a pessimistic setting for the ratio.
-Each load run is `python -m privlm.telemetry.loadgen` in its own process, as a real caller would be.
+Each load run is `python -m privlm.loadgen` in its own process, as a real caller would be.
 
 `python -m bench.bench_obs [--rounds 4] [--requests 8] [--concurrency 4] [--max-new-tokens 16]`
 """
@@ -42,7 +42,7 @@ def dev_config(cls, **kwargs):
     import dataclasses
 
     if "transport" in {f.name for f in dataclasses.fields(cls)}:
-        from privlm.transport import PLAINTEXT_DEV
+        from privlm.base.transport import PLAINTEXT_DEV
 
         kwargs.setdefault("transport", PLAINTEXT_DEV)
     return cls(**kwargs)
@@ -51,7 +51,7 @@ def dev_config(cls, **kwargs):
 def _micro_record_step_ns(n: int = 50_000) -> float:
     from opentelemetry.sdk.metrics import MeterProvider
 
-    from privlm.telemetry.instruments import Instruments
+    from privlm.base.telemetry.instruments import Instruments
 
     inst = Instruments(MeterProvider())
     for _ in range(1000):
@@ -65,10 +65,10 @@ def _micro_record_step_ns(n: int = 50_000) -> float:
 async def _stacks(engine, model: str, store: Path):
     from gateway.config import GatewayConfig, ModelRoute
     from gateway.server import create_server as create_gateway
-    from privlm.grpcserver import SERVING
-    from privlm.telemetry import TelemetryConfig, client_interceptors, server_interceptors, setup_telemetry
-    from privlm.telemetry.instruments import Instruments
-    from privlm.telemetry.receiver import create_receiver
+    from privlm.base.grpcserver import SERVING
+    from privlm.base.telemetry import TelemetryConfig, client_interceptors, server_interceptors, setup_telemetry
+    from privlm.base.telemetry.instruments import Instruments
+    from privlm.base.telemetry.receiver import create_receiver
     from services.inference.config import EngineConfig, WorkerServerConfig
     from services.inference.server import create_server as create_worker
 
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     async def load(target: str, requests: int, span_store: Path | None = None) -> dict:
         """One `privlm bench load` run in its own process (its own event loop, like a real caller)."""
-        cmd = [sys.executable, "-m", "privlm.telemetry.loadgen", "--plaintext-dev", "--target", target, "--json", "--warmup", "0",
+        cmd = [sys.executable, "-m", "privlm.loadgen", "--plaintext-dev", "--target", target, "--json", "--warmup", "0",
                "--requests", str(requests), "--concurrency", str(args.concurrency),
                "--max-new-tokens", str(args.max_new_tokens)]
         if span_store:

@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +38,7 @@ def hf_run(hf: HFProcess, ids: list[int], new_tokens: int) -> tuple[float, float
 async def gateway_run(target: str, ids_prompt_messages, new_tokens: int) -> tuple[float, float, int]:
     import grpc
 
-    from gateway.scenarios.report import stream_analysis
+    from privlm.scenarios.report import stream_analysis
     from privlm.v1 import inference_pb2 as pb
 
     chat = pb.Chat(messages=[pb.ChatMessage(role=r, content=c) for r, c in ids_prompt_messages])
@@ -67,10 +66,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from gateway.scenarios.finreport import analysis_messages, build_report
-    from gateway.scenarios.stack import ScenarioStack
     from gateway.tokenizer import ModelTokenizer
     from privlm.model_prep import prepare
+    from privlm.scenarios.finreport import analysis_messages, build_report
+    from privlm.scenarios.stack import ScenarioStack
 
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)

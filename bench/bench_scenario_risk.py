@@ -49,7 +49,7 @@ async def run_step(stack, keys, pool, rate: float, step_s: float, drain_s: float
                    max_tokens: int, step: int) -> dict:
     import grpc
 
-    from gateway.scenarios.risk_client import RiskClient
+    from privlm.scenarios.risk_client import RiskClient
 
     channel = grpc.aio.insecure_channel(stack.target, options=[("grpc.max_send_message_length", 64 << 20)])
     client = RiskClient(channel, stack.policy, keys)
@@ -125,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pool", type=int, default=48, help="distinct encrypted transactions cycled")
     args = ap.parse_args(argv or [])
 
-    from gateway.scenarios.risk_data import transactions
-    from gateway.scenarios.stack import ScenarioStack
     from privlm.model_prep import prepare
+    from privlm.scenarios.risk_data import transactions
+    from privlm.scenarios.stack import ScenarioStack
     from services.he.keys import BankKeys
 
     t_begin = time.perf_counter()
@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     # skipped there), so the explanation-bound and the decision-bound limits are both visible.
     decision_only = max((st["rate"] for st in steps if st["p99_ms"] < BAR_MS and st["drained"]
                          and st["errors"] == 0), default=0.0)
-    common = dict(dtype=args.dtype, step_s=args.step_s, decisions_only_max_tested_rate=decision_only, explanation_tokens=args.explanation_tokens,
+    common = dict(dtype=args.dtype, step_s=args.step_s, decisions_only_max_tested_rate=decision_only,
+                  explanation_tokens=args.explanation_tokens,
                   threshold=args.threshold, steps=steps, bench_s=round(total_s, 1))
     if good is None:
         report("scenario.risk.max_rate_p99_under_800ms", "tx/s", 0.0, None, None, "higher",

@@ -65,14 +65,14 @@ def run_part(name: str, fn, *args) -> None:
 
 
 class _NoOpInstruments:
-    """Stand-in for privlm.telemetry.instruments.get() where opentelemetry is not installed."""
+    """Stand-in for privlm.base.telemetry.instruments.get() where opentelemetry is not installed."""
 
     def __getattr__(self, name):
         return lambda *a, **k: None
 
 
 def telemetry_shim() -> bool:
-    """LLMEngine imports privlm.telemetry.instruments, which imports opentelemetry at module level;
+    """LLMEngine imports privlm.base.telemetry.instruments, which imports opentelemetry at module level;
     the GPU machines have no opentelemetry. Engine parts need no telemetry, so register no-op meters
     in that case (reported in the env line). Returns True when the shim was installed."""
     try:
@@ -81,10 +81,10 @@ def telemetry_shim() -> bool:
     except ImportError:
         import types
 
-        mod = types.ModuleType("privlm.telemetry.instruments")
+        mod = types.ModuleType("privlm.base.telemetry.instruments")
         mod.get = lambda: _NoOpInstruments()
-        sys.modules["privlm.telemetry.instruments"] = mod
-        import privlm.telemetry as tel
+        sys.modules["privlm.base.telemetry.instruments"] = mod
+        import privlm.base.telemetry as tel
 
         tel.instruments = mod
         return True
@@ -151,8 +151,14 @@ def part_env(dev):
 # -- (a) the kernel -------------------------------------------------------------------------------------
 def part_a(dev, smoke: bool):
     from services.inference.deepseek.fp8 import dequant_slice, quantize_block
-    from services.inference.deepseek.fp8_matmul import (_mm, blockwise_linear, fp8_block_matmul_reference,
-                                                        outer_major, prepare_weight, quantize_act_1x128)
+    from services.inference.deepseek.fp8_matmul import (
+        _mm,
+        blockwise_linear,
+        fp8_block_matmul_reference,
+        outer_major,
+        prepare_weight,
+        quantize_act_1x128,
+    )
 
     be, label = kernel(dev)
     if be is None:
@@ -182,10 +188,11 @@ def part_a(dev, smoke: bool):
             bf16_vs_ref = float((F.linear(x, w16).float() - ref).abs().max() / ref.abs().max())
             q, sa = quantize_act_1x128(F.pad(x, (0, 0, 0, (-M) % be.m_align)))     # rows padded as the kernel needs
             sa = outer_major(sa)
-            t_fp8 = timed_us(lambda: blockwise_linear(x, wp, sb, N, be, torch.bfloat16), dev, iters)
-            t_gemm = timed_us(lambda: _mm(be, q, sa, wp, sb), dev, iters)
-            t_bf16 = timed_us(lambda: F.linear(x, w16), dev, iters)
-            t_wo = timed_us(lambda: F.linear(x, dequant_slice(wq, ws, dtype=torch.bfloat16)), dev, max(3, iters // 5))
+            t_fp8 = timed_us(lambda x=x, wp=wp, sb=sb: blockwise_linear(x, wp, sb, N, be, torch.bfloat16), dev, iters)
+            t_gemm = timed_us(lambda q=q, sa=sa, wp=wp, sb=sb: _mm(be, q, sa, wp, sb), dev, iters)
+            t_bf16 = timed_us(lambda x=x, w16=w16: F.linear(x, w16), dev, iters)
+            t_wo = timed_us(lambda x=x, wq=wq, ws=ws: F.linear(x, dequant_slice(wq, ws, dtype=torch.bfloat16)),
+                            dev, max(3, iters // 5))
             ok = rel <= 1e-2
             ok_all &= ok
             emit("a_scaled_mm", shape=name, N=N, K=K, M=M, kernel=label, ok=ok,
@@ -266,10 +273,10 @@ def routing_flips(native, hf, ids: list[int], dev) -> dict:
 
 
 def part_b_tiny(dev, folder, dtype, n: int):
+    from ds_tiny import prompts
+
     from services.inference.deepseek.generate import greedy
     from services.inference.deepseek.model import DeepseekV3ForCausalLM as Native
-
-    from ds_tiny import prompts
 
     name = "b_tiny_" + str(dtype).replace("torch.", "")
     ps = prompts(4, seed=13)
@@ -300,13 +307,13 @@ def part_b_tiny(dev, folder, dtype, n: int):
 def part_engine(dev, folder, dtype, n: int, name: str, ref: str = "native", keep_fp8=False, tp=1):
     """LLMEngine on this device (CUDA graphs on): tokens vs transformers generate() (ref "hf") or vs
     the native model's eager greedy() (ref "native": isolates the engine's paged/graphed path)."""
+    from ds_tiny import prompts
+
+    from privlm.testing.engine import generate
     from services.inference.config import EngineConfig
     from services.inference.deepseek.generate import greedy
     from services.inference.deepseek.model import DeepseekV3ForCausalLM as Native
     from services.inference.engine import create_engine
-    from tests.inference.engine_helpers import generate
-
-    from ds_tiny import prompts
 
     ps = prompts(4, seed=13)
     if ref == "hf":
@@ -369,14 +376,14 @@ def part_c(dev, fp8, deq, n: int):
       kernel:      every FP8 Linear's output on the model's real activations vs
                    fp8_block_matmul_reference: max error <= 1% of max |ref| (bf16 output rounding)
       end to end:  rel(tc, deq_bf16) <= 1.5 * rel(emulated, deq_bf16) + 0.02 (max over positions)"""
+    from ds_tiny import prompts
+
     from services.inference.deepseek.fp8 import dequant_slice
     from services.inference.deepseek.fp8_matmul import TENSOR_CORE, Backend, fp8_block_matmul_reference
     from services.inference.deepseek.generate import greedy
-    from services.inference.engine import fp8_gemv
     from services.inference.deepseek.model import DeepseekV3ForCausalLM as Native
     from services.inference.deepseek.weights import Linear
-
-    from ds_tiny import prompts
+    from services.inference.engine import fp8_gemv
 
     d = str(dev)
     tc = Native.from_pretrained(fp8, dtype=torch.bfloat16, device=d, keep_fp8=True)

@@ -66,6 +66,7 @@ class AttnCase:
 
     def __init__(self, dtype, hq, hkv, d, b, ctx, bs, device, timing: bool):
         import torch
+
         from services.inference.engine.cuda_graphs import CTX_BUCKET, _Static
 
         g = torch.Generator().manual_seed(b * 7919 + ctx)
@@ -95,6 +96,7 @@ class AttnCase:
 
 def check_attn(c: AttnCase, tag: dict) -> bool:
     import torch
+
     from services.inference.engine import triton_ops as T
     from services.inference.engine.attention import decode_attention
 
@@ -118,6 +120,7 @@ def graph_replay_matches(c: AttnCase) -> bool:
     """Capture one call, change the lengths in place on the device, replay: equal to an eager call
     with the new lengths (nothing about the lengths was baked in at capture)."""
     import torch
+
     from services.inference.engine import triton_ops as T
 
     cache, lens0 = c.caches[0], c.lens.clone()
@@ -170,6 +173,7 @@ def time_attn(c: AttnCase, tag: dict, sweep: bool) -> None:
 
 def rope_case(dtype, hq, hkv, d, b, device, timing: bool, compiled: bool, tag: dict) -> bool:
     import torch
+
     from services.inference.engine import ops
     from services.inference.engine import triton_ops as T
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from privlm.config import check
+from privlm.base.config import check
 
 BACKENDS = ("simulated", "sev-snp", "tdx", "sgx-gramine")
 

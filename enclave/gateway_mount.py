@@ -1,7 +1,7 @@
-"""How the gateway mounts the confidential services on its own grpc.aio server.
+"""How the confidential services are mounted on the gateway's own grpc.aio server.
 
-    names = add_confidential_services(server, generate_stream, enclave_config)
-    add_health_and_reflection(server, [..., *names])
+    mounted = mount(server, generate_stream, enclave_config, tenant_of=...)
+    add_health_and_reflection(server, [..., *mounted.names])
 """
 from __future__ import annotations
 
@@ -28,8 +28,12 @@ class Mounted:
 
 def mount(server: grpc.aio.Server, generate_stream: GenerateStream, config: EnclaveConfig,
           runtime: ConfidentialRuntime | None = None, tenant_of=None) -> Mounted:
-    """Like add_confidential_services, but also returns the runtime (counters, audit log).
+    """Register privlm.v1.Confidential and privlm.v1.Audit; returns their names and the runtime
+    (counters, audit log).
 
+    `tenant_of(context) -> str | None` (optional): the tenant the gateway authenticated for this
+    call; a sealed request whose authenticated context names another tenant is refused, and every
+    refusal is audited under the authenticated tenant.
     Requests are parsed after the server's interceptors (enclave/handlers.py), so authentication
     answers a caller without credentials before its bytes are looked at.
     """
@@ -37,14 +41,3 @@ def mount(server: grpc.aio.Server, generate_stream: GenerateStream, config: Encl
     add_servicer_parsing_last(server, CONFIDENTIAL_SERVICE, ConfidentialServicer(runtime, generate_stream, tenant_of))
     add_servicer_parsing_last(server, AUDIT_SERVICE, AuditServicer(runtime.audit))
     return Mounted([CONFIDENTIAL, AUDIT], runtime)
-
-
-def add_confidential_services(server: grpc.aio.Server, generate_stream: GenerateStream,
-                              config: EnclaveConfig, tenant_of=None) -> list[str]:
-    """Register privlm.v1.Confidential and privlm.v1.Audit; returns their full service names.
-
-    `tenant_of(context) -> str | None` (optional): the tenant the gateway authenticated for this
-    call; a sealed request whose authenticated context names another tenant is refused, and every
-    refusal is audited under the authenticated tenant.
-    """
-    return mount(server, generate_stream, config, tenant_of=tenant_of).names

@@ -12,7 +12,7 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message_factory import GetMessageClass
 
-from privlm.errors import InvalidArgument
+from privlm.base.errors import InvalidArgument
 
 
 def _parser(method: str, request_class):

@@ -185,7 +185,7 @@ class ConfidentialRuntime:
 
     def secret(self, tenant: str, name: str) -> bytes:
         """A secret provisioned for `tenant` (e.g. its CKKS secret key); NotFound if none."""
-        from privlm.errors import NotFound
+        from privlm.base.errors import NotFound
         with self._lock:
             value = self._secrets.get((tenant, name))
         if value is None:

@@ -17,7 +17,7 @@ from enclave.audit.log import AuditLog
 from enclave.audit.merkle import ProofError
 from enclave.hpke import ResponseSealer, SealedMessage, SealError
 from enclave.runtime import ConfidentialRuntime
-from privlm.errors import FailedPrecondition, InvalidArgument, PermissionDenied, PrivlmError, Unavailable, status_for
+from privlm.base.errors import FailedPrecondition, InvalidArgument, PermissionDenied, PrivlmError, Unavailable, status_for
 from privlm.v1 import audit_pb2, audit_pb2_grpc, enclave_pb2, enclave_pb2_grpc, inference_pb2
 
 log = logging.getLogger("privlm.enclave")

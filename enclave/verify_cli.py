@@ -80,11 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"privlm verify: policy: {exc}", file=sys.stderr)
         return 2
     if args.insecure_dev_plaintext:
-        from enclave.certs import dev_plaintext_warning
+        from privlm.base.certs import dev_plaintext_warning
         dev_plaintext_warning("privlm verify")
         creds = None
     elif args.certs:
-        from enclave.certs import channel_credentials
+        from privlm.base.certs import channel_credentials
         creds = channel_credentials(args.certs, args.cert_name)
     else:
         ap.error("give --certs DIR (mTLS) or --insecure-dev-plaintext")

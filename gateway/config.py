@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway.tenants import TenantConfig
-from privlm.config import check
-from privlm.transport import TransportConfig
+from privlm.base.config import check
+from privlm.base.transport import TransportConfig
 
 
 @dataclass(frozen=True)
@@ -41,11 +41,8 @@ class GatewayConfig:
     grace_seconds: float = 10.0
     tenants: tuple[TenantConfig, ...] = ()   # bearer-token tenants; required unless allow_anonymous
     allow_anonymous: bool = False            # development only: no authentication (warned at startup)
-    enclave: object | None = None            # enclave.config.EnclaveConfig: mounts Confidential + Audit
-    risk: object | None = None               # gateway.scenarios.risk_config.RiskConfig (needs enclave)
 
     def __post_init__(self):
-        check(self.risk is None or self.enclave is not None, "gateway: the risk stream needs the enclave")
         check(bool(self.tenants) != self.allow_anonymous,
               "gateway: configure tenants (authentication) or set allow_anonymous for development, not both")
         check(len(self.models) >= 1, "gateway needs at least one model route")

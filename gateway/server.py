@@ -1,17 +1,17 @@
 """The public gRPC server (privlm.v1.Inference): a thin adapter over GatewayService."""
 from __future__ import annotations
 
-import argparse
-import asyncio
 import logging
 from pathlib import Path
+from typing import Protocol, Sequence
 
-from gateway.config import GatewayConfig, ModelRoute
+import grpc
+
+from gateway.config import GatewayConfig
 from gateway.service import Chunk, GatewayService, GenerateInput
-from gateway.tenants import TenantInterceptor, current_tenant, load_tenants
-from privlm.errors import InvalidArgument
-from privlm.grpcserver import NOT_SERVING, SERVING, add_health_and_reflection, bind, new_server, wait_for_stop
-from privlm.transport import add_transport_args, transport_from_args
+from gateway.tenants import TenantInterceptor, current_tenant
+from privlm.base.errors import InvalidArgument
+from privlm.base.grpcserver import NOT_SERVING, SERVING, add_health_and_reflection, bind, new_server, wait_for_stop
 from privlm.v1 import inference_pb2 as pb
 from privlm.v1 import inference_pb2_grpc as pb_grpc
 
@@ -94,33 +94,24 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return out
 
 
-def config_mounts(config: GatewayConfig, service: GatewayService):
-    """The services the configuration asks for on the gateway's server: Confidential + Audit (with the
-    tenant the gateway authenticated), then the risk stream sharing the same attested runtime."""
-    if config.enclave is None:
-        return None
+class Mount(Protocol):
+    """More services on the gateway's server (the application mounts the confidential layer so):
+    called once with the server, the GatewayService and the Inference servicer's GenerateStream,
+    returns the full names of the services it added; closed after the server stopped."""
 
-    def extra(server, generate_stream) -> list[str]:
-        from enclave.gateway_mount import mount
+    def __call__(self, server: grpc.aio.Server, service: GatewayService, generate_stream) -> list[str]: ...
 
-        mounted = mount(server, generate_stream, config.enclave, tenant_of=lambda ctx: current_tenant.get() or None)
-        names = list(mounted.names)
-        if config.risk is not None:
-            from gateway.scenarios.risk import mount_risk_service
-
-            names += mount_risk_service(server, service, config.risk, runtime=mounted.runtime)
-        return names
-    return extra
+    async def close(self) -> None: ...
 
 
 async def create_server(config: GatewayConfig, server_interceptors=(), client_interceptors=(),
-                        extra_services=None):
+                        mounts: Sequence[Mount] = ()):
     """Build (not start) the gateway: returns (server, port, service, health).
 
     Connects to every worker group first (Describe), so a started gateway knows each model's
     context window, then follows their health: the GENERATION_SERVICES names are NOT_SERVING while
-    no worker group answers. `extra_services(server, generate_stream) -> [service names]` mounts more
-    servicers (the confidential-compute layer) on the same server.
+    no worker group answers. Each of `mounts` adds more services (the confidential layer) to the
+    same server.
     """
     service = GatewayService(config, client_interceptors)
     await service.connect()
@@ -133,9 +124,8 @@ async def create_server(config: GatewayConfig, server_interceptors=(), client_in
     servicer = InferenceServicer(service)
     pb_grpc.add_InferenceServicer_to_server(servicer, server)
     names = [SERVICE_NAME]
-    extra_services = extra_services or config_mounts(config, service)
-    if extra_services is not None:
-        names += extra_services(server, servicer.GenerateStream)
+    for m in mounts:
+        names += m(server, service, servicer.GenerateStream)
     health = add_health_and_reflection(server, names)
     port = bind(server, config.host, config.port, config.transport.server_credentials("gateway"))
     for name in ["", *names]:
@@ -151,69 +141,20 @@ async def create_server(config: GatewayConfig, server_interceptors=(), client_in
     return server, port, service, health
 
 
-async def serve(config: GatewayConfig, ready_file: Path | None = None, telemetry=None) -> None:
-    from privlm.telemetry import client_interceptors, server_interceptors
+async def serve(config: GatewayConfig, mounts: Sequence[Mount] = (), ready_file: Path | None = None,
+                telemetry=None) -> None:
+    """Run until SIGTERM/SIGINT, then drain for the grace period and close the mounts."""
+    from privlm.base.telemetry import client_interceptors, server_interceptors
 
-    server, port, service, health = await create_server(config, server_interceptors(), client_interceptors())
+    server, port, service, health = await create_server(config, server_interceptors(), client_interceptors(), mounts)
     await server.start()
     log.info("gateway serving on %s:%d, models %s", config.host, port, list(service.models))
     await wait_for_stop(port, ready_file)
     log.info("gateway draining (grace %.1fs)", config.grace_seconds)
     await health.enter_graceful_shutdown()
     await server.stop(config.grace_seconds)
+    for m in mounts:
+        await m.close()
     await service.close()
     if telemetry is not None:
         telemetry.shutdown()
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="privlm gateway", description="Run the public gRPC gateway.")
-    ap.add_argument("--model", default=None, help="model folder (tokenizer); default: the embedded model")
-    ap.add_argument("--model-id", default="")
-    ap.add_argument("--worker", required=True, help="host:port of the worker group's rank 0")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=0)
-    ap.add_argument("--ready-file", type=Path, default=None)
-    add_transport_args(ap)
-    ap.add_argument("--attestation", default="none", choices=["none", "simulated", "sev-snp", "tdx", "sgx-gramine"],
-                    help="TEE backend for privlm.v1.Confidential (sealed generation) and the audit log")
-    ap.add_argument("--allow-simulated", action="store_true",
-                    help="DEVELOPMENT ONLY: permit --attestation simulated (no TEE hardware; said everywhere)")
-    ap.add_argument("--enclave-dir", type=Path, default=None, help="keys and audit log (default .cache/enclave)")
-    ap.add_argument("--he-target", default=None, help="HE service host:port: mounts privlm.v1.RiskAlerts")
-    from privlm.telemetry.config import add_arguments as add_telemetry_args
-
-    add_telemetry_args(ap)
-    auth = ap.add_mutually_exclusive_group(required=True)
-    auth.add_argument("--tenants", type=Path, help="JSON list of tenants (tenant, token_sha256, limits)")
-    auth.add_argument("--allow-anonymous", action="store_true",
-                      help="DEVELOPMENT ONLY: serve without authentication (logged as a warning)")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    model = args.model
-    if model is None:
-        from privlm.model_prep import default_model_dir
-
-        model = str(default_model_dir())
-    tenants = load_tenants(args.tenants) if args.tenants else ()
-    enclave = risk = None
-    if args.attestation != "none":
-        from enclave.config import EnclaveConfig
-        from privlm.config import cache_dir
-
-        edir = args.enclave_dir or cache_dir() / "enclave"
-        enclave = EnclaveConfig(attestation=args.attestation, allow_simulated=args.allow_simulated,
-                                key_dir=str(edir / "keys"), audit_dir=str(edir / "audit"), model_path=model)
-        if args.he_target:
-            from gateway.scenarios.risk_config import RiskConfig
-
-            risk = RiskConfig(he_target=args.he_target, enclave=enclave)
-    cfg = GatewayConfig(models=(ModelRoute(model, args.worker, args.model_id),), transport=transport_from_args(args),
-                        host=args.host, port=args.port,
-                        tenants=tenants, allow_anonymous=args.allow_anonymous, enclave=enclave, risk=risk)
-    from privlm.telemetry.config import from_args
-    from privlm.telemetry.setup import init_service
-
-    telemetry = init_service(from_args(args, "privlm-gateway"))
-    asyncio.run(serve(cfg, args.ready_file, telemetry))
-    return 0

@@ -25,9 +25,9 @@ from gateway.tenants import TenantRegistry
 from gateway.text import IncrementalDetokenizer, StopMatcher
 from gateway.tokenizer import ModelTokenizer
 from gateway.worker_client import WorkerClient
-from privlm.errors import InvalidArgument, NotFound, PrivlmError, ResourceExhausted, Unavailable, echo, upstream_failure
-from privlm.telemetry import instruments
-from privlm.telemetry.spans import GenerationSpan
+from privlm.base.errors import InvalidArgument, NotFound, PrivlmError, ResourceExhausted, Unavailable, echo, upstream_failure
+from privlm.base.telemetry import instruments
+from privlm.base.telemetry.spans import GenerationSpan
 
 log = logging.getLogger("privlm.gateway")
 ROLES = ("system", "user", "assistant")
@@ -252,7 +252,7 @@ class GatewayService:
     @contextlib.contextmanager
     def _public_errors(self, handle: ModelHandle, span: GenerationSpan):
         """Errors of the worker call: what the worker group said is logged under the trace id, the
-        caller gets the public form (privlm.errors.upstream_failure)."""
+        caller gets the public form (privlm.base.errors.upstream_failure)."""
         try:
             yield
         except PrivlmError as exc:

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import grpc
 
-from privlm.config import check, from_mapping
-from privlm.errors import ResourceExhausted, Unauthenticated
-from privlm.grpcserver import rewrap
+from privlm.base.config import check, from_mapping
+from privlm.base.errors import ResourceExhausted, Unauthenticated
+from privlm.base.grpcserver import rewrap
 
 log = logging.getLogger("privlm.gateway.tenants")
 current_tenant: contextvars.ContextVar[str] = contextvars.ContextVar("privlm_tenant", default="")

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from privlm.errors import InvalidArgument
+from privlm.base.errors import InvalidArgument
 
 
 class ModelTokenizer:

@@ -7,9 +7,9 @@ from typing import AsyncIterator
 
 import grpc
 
-from privlm.errors import Unavailable
+from privlm.base.errors import Unavailable
+from privlm.base.transport import TransportConfig
 from privlm.internal.v1 import worker_pb2, worker_pb2_grpc
-from privlm.transport import TransportConfig
 
 FINISH_NAMES = {
     worker_pb2.WORKER_FINISH_REASON_LENGTH: "length",
@@ -79,7 +79,7 @@ async def _until_end(call) -> None:
 
 def _reraise(err: grpc.aio.AioRpcError) -> Exception:
     """Carry a worker-side status (e.g. INVALID_ARGUMENT, RESOURCE_EXHAUSTED) through the gateway."""
-    from privlm import errors
+    from privlm.base import errors
 
     by_code = {c.code: c for c in (errors.InvalidArgument, errors.NotFound, errors.FailedPrecondition,
                                    errors.ResourceExhausted, errors.Unavailable, errors.DeadlineExceeded,

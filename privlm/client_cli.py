@@ -17,7 +17,7 @@ def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     """Bearer token from --token, else $PRIVLM_TOKEN, else the dev token `privlm up` wrote."""
     import os
 
-    from privlm.config import dev_token_path
+    from privlm.base.config import dev_token_path
 
     token = token or os.environ.get("PRIVLM_TOKEN")
     if not token and dev_token_path().is_file():
@@ -38,8 +38,8 @@ def open_channel(args) -> grpc.Channel:
     """Explicit flags win; otherwise the profile `privlm up` wrote in .cache/run/endpoint.json."""
     import json
 
-    from privlm.config import cache_dir
-    from privlm.transport import TransportConfig
+    from privlm.base.config import cache_dir
+    from privlm.base.transport import TransportConfig
 
     profile_path = cache_dir() / "run" / "endpoint.json"
     profile = json.loads(profile_path.read_text()) if profile_path.is_file() else {}

@@ -5,12 +5,12 @@ import importlib
 import sys
 
 DEMOS = {
-    "he": ("services.he.demo", "main"),
-    "report": ("gateway.scenarios.report", "main"),
-    "risk": ("gateway.scenarios.risk", "main"),
+    "he": ("privlm.scenarios.he_demo", "main"),
+    "report": ("privlm.scenarios.report", "main"),
+    "risk": ("privlm.scenarios.risk_demo", "main"),
 }
 BENCHES = {
-    "load": ("privlm.telemetry.loadgen", "main"),
+    "load": ("privlm.loadgen", "main"),
 }
 
 

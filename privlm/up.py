@@ -87,7 +87,7 @@ def wait_serving(child: Child, timeout: float, transport) -> None:
     """Block until the child's gRPC health check says SERVING (or fail with its log tail)."""
     deadline = time.monotonic() + timeout
     if child.plaintext:
-        from privlm.transport import PLAINTEXT_DEV as transport
+        from privlm.base.transport import PLAINTEXT_DEV as transport
     with transport.channel(f"127.0.0.1:{child.port}", "client") as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while time.monotonic() < deadline:
@@ -117,7 +117,7 @@ def build_children(args, model: str, transport) -> list[Child]:
     children = []
     otlp = args.otlp_endpoint
     if not otlp:
-        from privlm.telemetry.receiver import default_store_path, receiver_argv
+        from privlm.base.telemetry.receiver import default_store_path, receiver_argv
 
         rport = free_port()
         children.append(Child("otlp-receiver", receiver_argv(default_store_path(), rport), rport, plaintext=True))
@@ -161,7 +161,7 @@ def omp_env(tp: int) -> dict:
 
 def demo_risk_model(log_dir: Path) -> Path:
     """The demo bank's plaintext scoring model (weights are server configuration, not secrets)."""
-    from gateway.scenarios.risk_data import DEMO_MODEL_SEED, train_model
+    from privlm.scenarios.risk_data import DEMO_MODEL_SEED, train_model
     from services.he.model import save_model
 
     return Path(save_model(train_model(seed=DEMO_MODEL_SEED), log_dir / "risk-model.json"))
@@ -170,7 +170,7 @@ def demo_risk_model(log_dir: Path) -> Path:
 def dev_tenants(log_dir: Path) -> Path:
     """A fresh development tenant: token in .cache/run/dev-token (0600), its hash for the gateway."""
     from gateway.tenants import create_dev_tenant
-    from privlm.config import dev_token_path
+    from privlm.base.config import dev_token_path
 
     _, tenant = create_dev_tenant(dev_token_path())
     path = log_dir / "tenants.json"
@@ -180,14 +180,14 @@ def dev_tenants(log_dir: Path) -> Path:
 
 def setup_transport(args):
     """mTLS by default (a private CA in .cache/run/certs, created once); plaintext only if asked."""
-    from privlm.config import cache_dir
-    from privlm.transport import TransportConfig
+    from privlm.base.config import cache_dir
+    from privlm.base.transport import TransportConfig
 
     if args.plaintext_dev:
         return TransportConfig(plaintext_dev=True)
     tls_dir = args.tls_dir or cache_dir() / "run" / "certs"
     if not (Path(tls_dir) / "ca.pem").exists():
-        from enclave.certs import create
+        from privlm.base.certs import create
 
         create(tls_dir)
         log.info("created a private CA and service certificates in %s", tls_dir)
@@ -196,7 +196,7 @@ def setup_transport(args):
 
 def write_profile(port: int, transport) -> None:
     """.cache/run/endpoint.json: how `privlm generate/chat/models` reach this local suite."""
-    from privlm.config import cache_dir
+    from privlm.base.config import cache_dir
 
     path = cache_dir() / "run" / "endpoint.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -332,7 +332,7 @@ def publish_state(path: Path | None, children: list[Child], log_dir: Path, tls_d
 def health_status(child: Child, transport) -> int | None:
     """The child's overall grpc.health.v1 status, or None when it does not answer."""
     if child.plaintext:
-        from privlm.transport import PLAINTEXT_DEV as transport
+        from privlm.base.transport import PLAINTEXT_DEV as transport
     with transport.channel(f"127.0.0.1:{child.port}", "client") as ch:
         try:
             return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0).status

@@ -1,14 +1,14 @@
 """Shared fixtures: the default model, and a real worker + gateway stack on 127.0.0.1 port 0."""
 from __future__ import annotations
-from privlm.transport import PLAINTEXT_DEV
 
 import asyncio
-import os
 import sys
 import threading
 from pathlib import Path
 
 import pytest
+
+from privlm.base.transport import PLAINTEXT_DEV
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -52,17 +52,19 @@ class Stack:
         from gateway.config import GatewayConfig, ModelRoute
         from gateway.server import create_server as create_gateway
         from services.inference.config import EngineConfig, WorkerServerConfig
-        from services.inference.server import build_engine, create_server as create_worker
+        from services.inference.server import build_engine
+        from services.inference.server import create_server as create_worker
 
         self.lt = loop_thread
         self.engine = build_engine(EngineConfig(model=str(model), dtype=dtype, max_queue=64))
         self.worker, self.worker_port, self.worker_health = self.lt.run(
             create_worker(WorkerServerConfig(engine=EngineConfig(model=str(model), dtype=dtype), transport=PLAINTEXT_DEV), self.engine))
         self.lt.run(self.worker.start())
-        from privlm.grpcserver import SERVING
+        from privlm.base.grpcserver import SERVING
 
         self.lt.run(self.worker_health.set("", SERVING))
-        gcfg = GatewayConfig(transport=PLAINTEXT_DEV, models=(ModelRoute(str(model), f"127.0.0.1:{self.worker_port}"),), allow_anonymous=True)
+        gcfg = GatewayConfig(transport=PLAINTEXT_DEV, models=(ModelRoute(str(model), f"127.0.0.1:{self.worker_port}"),),
+                             allow_anonymous=True)
         self.gateway, self.port, self.service, self.health = self.lt.run(create_gateway(gcfg))
         self.lt.run(self.gateway.start())
         self.target = f"127.0.0.1:{self.port}"

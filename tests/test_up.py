@@ -5,8 +5,8 @@ import time
 import grpc
 import pytest
 
+from privlm.base.transport import TransportConfig
 from privlm.client_cli import auth_metadata
-from privlm.transport import TransportConfig
 from privlm.v1 import inference_pb2 as pb
 from privlm.v1 import inference_pb2_grpc as pb_grpc
 from tests.up_support import gone, processes_where, service_pids, start_up, stop_up

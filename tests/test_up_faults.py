@@ -18,8 +18,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.model]
 def suite(tmp_path_factory, default_model):
     """One suite for the module: the restart test runs first, the SIGTERM test stops it last."""
     proc, info = start_up(tmp_path_factory.mktemp("up"), "--tp", "2", "--no-he", "--grace", "20")
+    from privlm.base.transport import TransportConfig
     from privlm.client_cli import auth_metadata
-    from privlm.transport import TransportConfig
 
     channel = TransportConfig(tls_dir=info["tls_dir"]).channel(f"127.0.0.1:{info['gateway']['port']}", "client")
     yield proc, info, pb_grpc.InferenceStub(channel), auth_metadata(None)

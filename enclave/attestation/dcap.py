@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from enclave.attestation import AttestationError
+from enclave.attestation.claims import AttestationError
 
 HEADER = 48
 SGX_BODY = 384

@@ -8,7 +8,7 @@ import base64
 import json
 from pathlib import Path
 
-from enclave.attestation import AttestationError, AttestationUnavailable, Claims
+from enclave.attestation.claims import AttestationError, AttestationUnavailable, Claims
 
 
 class GramineBackend:

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from enclave.attestation import AttestationError, AttestationUnavailable, Claims
+from enclave.attestation.claims import AttestationError, AttestationUnavailable, Claims
 
 DEFAULT_COMMAND = ("nvattest", "attest", "--device", "gpu", "--verifier", "local", "--nonce", "{nonce}",
                    "--format", "json")

@@ -1,6 +1,6 @@
 """The verification policy a bank pins: which TEEs, which measurements, how fresh, which roots.
 
-JSON or TOML; unknown keys are errors (privlm.config). Simulation is refused unless
+JSON or TOML; unknown keys are errors (privlm.base.config). Simulation is refused unless
 `allow_simulated = true` is written in the policy itself.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from privlm.config import ConfigError, check, from_mapping, load_file
+from privlm.base.config import ConfigError, check, from_mapping, load_file
 
 HARDWARE_TEES = ("sev-snp", "tdx", "sgx-gramine")
 

@@ -14,7 +14,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from enclave.attestation import SIMULATION_WARNING, AttestationError, Claims
+from enclave.attestation.claims import SIMULATION_WARNING, AttestationError, Claims
 
 log = logging.getLogger("privlm.enclave.attestation")
 FORMAT = "privlm-simulated-evidence-v1"

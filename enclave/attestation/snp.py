@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from enclave.attestation import AttestationError, Claims
+from enclave.attestation.claims import AttestationError, Claims
 from enclave.attestation.x509chain import load_pems, verify_chain
 
 REPORT_LEN = 0x4A0

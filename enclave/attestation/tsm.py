@@ -12,7 +12,7 @@ import os
 import uuid
 from pathlib import Path
 
-from enclave.attestation import AttestationError, AttestationUnavailable, Claims
+from enclave.attestation.claims import AttestationError, AttestationUnavailable, Claims
 
 PROVIDERS = {"sev-snp": "sev_guest", "tdx": "tdx_guest"}
 

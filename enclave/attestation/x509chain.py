@@ -4,7 +4,7 @@ from __future__ import annotations
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from enclave.attestation import AttestationError
+from enclave.attestation.claims import AttestationError
 
 
 def load_pems(pems) -> list[x509.Certificate]:

@@ -19,8 +19,7 @@ import numpy as np
 
 from privlm.v1 import he_pb2 as pb
 from privlm.v1 import he_pb2_grpc as pb_grpc
-from services.he.keys import (FEATURE_MAJOR, RECORD_PER_CIPHERTEXT, BankKeys, KeyMismatch,  # noqa: F401
-                              packing_for)
+from services.he.keys import FEATURE_MAJOR, RECORD_PER_CIPHERTEXT, BankKeys, KeyMismatch, packing_for  # noqa: F401
 from services.he.params import CkksPreset, preset_for_depth  # noqa: F401 - part of the client API
 from services.he.server import TENANT_KEY
 
@@ -66,7 +65,7 @@ def read_scores(keys: BankKeys, resp: pb.ScoreBatchResponse) -> Scores:
 
 class HEClient:
     """Synchronous client over a real gRPC channel: plaintext loopback, or mTLS with `credentials`
-    (e.g. enclave.certs.channel_credentials(tls_dir, "client")); the server's name is "he"."""
+    (e.g. privlm.base.certs.channel_credentials(tls_dir, "client")); the server's name is "he"."""
 
     def __init__(self, target: str, tenant: str = "default", credentials: grpc.ChannelCredentials | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, timeout: float | None = 60.0,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from privlm.config import check
+from privlm.base.config import check
 
 MiB = 1024 * 1024
 

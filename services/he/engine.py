@@ -1,7 +1,7 @@
 """The HE engine: public-context registry per tenant, encrypted scoring and aggregation.
 
 Holds only public/evaluation keys (a context with a secret key is refused before it reaches TenSEAL's
-loader). Synchronous and CPU-bound: the servicer runs it on worker threads. Raises privlm.errors; no
+loader). Synchronous and CPU-bound: the servicer runs it on worker threads. Raises privlm.base.errors; no
 grpc, no generated stubs.
 """
 from __future__ import annotations
@@ -13,11 +13,18 @@ from dataclasses import dataclass
 
 import tenseal as ts
 
-from privlm.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from privlm.base.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from services.he.config import HEServiceConfig
 from services.he.model import ScoringModel
-from services.he.params import (TenSEALContextProto, ContextInfo, ciphertext_levels, ciphertext_scale_bits,
-                                context_id, inspect_context, rotation_steps)
+from services.he.params import (
+    ContextInfo,
+    TenSEALContextProto,
+    ciphertext_levels,
+    ciphertext_scale_bits,
+    context_id,
+    inspect_context,
+    rotation_steps,
+)
 
 log = logging.getLogger("privlm.he")
 

@@ -6,7 +6,6 @@ before decrypting: TenSEAL decrypts garbage silently under a wrong key, so we re
 """
 from __future__ import annotations
 
-import math
 import tempfile
 from pathlib import Path
 
@@ -14,8 +13,7 @@ import numpy as np
 import tenseal as ts
 import tenseal.sealapi as sealapi
 
-from services.he.params import (CkksPreset, TenSEALContextProto, context_id, inspect_context, preset_for_depth,
-                                rotation_steps)
+from services.he.params import CkksPreset, TenSEALContextProto, context_id, inspect_context, preset_for_depth, rotation_steps
 
 FEATURE_MAJOR = "feature_major"
 RECORD_PER_CIPHERTEXT = "record_per_ciphertext"
@@ -191,7 +189,3 @@ def packing_for(n_records: int, num_features: int, has_rotations: bool) -> str:
     """The layout with the fewest ciphertexts: one per record below F records (needs rotations), else
     one per feature holding up to `slots` records."""
     return RECORD_PER_CIPHERTEXT if has_rotations and n_records < num_features else FEATURE_MAJOR
-
-
-def feature_major_ciphertexts(n_records: int, num_features: int, slots: int) -> int:
-    return num_features * math.ceil(n_records / slots)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from privlm.config import ConfigError, check, from_mapping
+from privlm.base.config import ConfigError, check, from_mapping
 
 
 @dataclass(frozen=True)

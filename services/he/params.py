@@ -33,11 +33,6 @@ class CkksPreset:
     def slots(self) -> int:
         return self.poly_modulus_degree // 2
 
-    @property
-    def max_result_magnitude(self) -> float:
-        """Largest |value| a result at the last level can hold (first prime minus scale, minus a sign bit)."""
-        return 2.0 ** (self.coeff_mod_bit_sizes[0] - self.scale_bits - 1)
-
 
 # The compact single-record ring: N=4096 allows 109 bits in all. A 39-bit special prime at least as
 # large as the data primes keeps rotation noise down; scale 2^31 leaves 2^7 of headroom in the 39-bit

@@ -18,8 +18,8 @@ import grpc
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
-from privlm.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
-from privlm.grpcserver import SERVING, add_health_and_reflection, bind, new_server
+from privlm.base.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
+from privlm.base.grpcserver import SERVING, add_health_and_reflection, bind, new_server
 from privlm.v1 import he_pb2 as pb
 from privlm.v1 import he_pb2_grpc as pb_grpc
 from services.he.config import HEServiceConfig
@@ -162,13 +162,13 @@ async def create_server(config: HEServiceConfig, interceptors: Sequence[grpc.aio
     """Build and bind the service (not started). The servicer is reachable as `server.privlm_servicer`
     (tests inspect the engine it holds); `server.privlm_health` is the health servicer. With
     config.tls_dir: mTLS, callers limited to config.allowed_peers; config.plaintext_dev: plaintext, warns.
-    `interceptors` run first (e.g. privlm.telemetry.server_interceptors()); business spans
+    `interceptors` run first (e.g. privlm.base.telemetry.server_interceptors()); business spans
     privlm.he.* come from `tracer_provider` (default: the global one)."""
     models = [load_model(p) for p in config.model_files]
     engine = HEEngine(config, models)
     tracer = (tracer_provider or trace.get_tracer_provider()).get_tracer("privlm.he")
     servicer = HomomorphicPreprocessorServicer(engine, config, tracer)
-    from enclave import certs
+    from privlm.base import certs
 
     interceptors, credentials = list(interceptors), None
     if config.tls_dir:
@@ -221,11 +221,11 @@ def main(argv: list[str] | None = None) -> int:
                      help="DEVELOPMENT ONLY: plaintext gRPC without peer authentication (warns)")
     parser.add_argument("--workers", type=int)
     parser.add_argument("--max-request-bytes", type=int)
-    from privlm.telemetry.config import add_arguments as add_telemetry_args
+    from privlm.base.telemetry.config import add_arguments as add_telemetry_args
 
     add_telemetry_args(parser)
     args = parser.parse_args(argv)
-    from privlm.config import ConfigError, from_mapping, load_mapping
+    from privlm.base.config import ConfigError, from_mapping, load_mapping
 
     try:
         data = load_mapping(args.config) if args.config else {}
@@ -247,9 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"privlm he: {exc}", flush=True)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from privlm.telemetry import server_interceptors
-    from privlm.telemetry.config import from_args
-    from privlm.telemetry.setup import init_service
+    from privlm.base.telemetry import server_interceptors
+    from privlm.base.telemetry.config import from_args
+    from privlm.base.telemetry.setup import init_service
 
     telemetry = init_service(from_args(args, "privlm-he"))
     interceptors = server_interceptors()

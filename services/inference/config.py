@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from privlm.config import check
-from privlm.transport import TransportConfig
+from privlm.base.config import check
+from privlm.base.transport import TransportConfig
 
 BACKENDS = ("native", "deepspeed")
 DTYPES = ("float32", "bfloat16", "float16")

@@ -15,12 +15,12 @@ from pathlib import Path
 import grpc
 from opentelemetry import context as otel_context
 
-from privlm.errors import InvalidArgument, Unavailable
-from privlm.grpcserver import NOT_SERVING, SERVING, add_health_and_reflection, bind, new_server, wait_for_stop
+from privlm.base.errors import InvalidArgument, Unavailable
+from privlm.base.grpcserver import NOT_SERVING, SERVING, add_health_and_reflection, bind, new_server, wait_for_stop
+from privlm.base.telemetry import instruments
+from privlm.base.telemetry.spans import RequestTimeline
+from privlm.base.transport import add_transport_args, transport_from_args
 from privlm.internal.v1 import worker_pb2, worker_pb2_grpc
-from privlm.telemetry import instruments
-from privlm.telemetry.spans import RequestTimeline
-from privlm.transport import add_transport_args, transport_from_args
 from services.inference.config import EngineConfig, WorkerServerConfig
 from services.inference.types import Engine, EngineUnavailable, FinishReason, GenerationRequest, SamplingParams, TokenEvent
 
@@ -160,7 +160,7 @@ async def create_server(config: WorkerServerConfig, engine: Engine, interceptors
     with a certificate from the private CA)."""
     credentials = config.transport.server_credentials("worker")
     if credentials is not None:
-        from enclave.certs import PeerIdentityInterceptor
+        from privlm.base.certs import PeerIdentityInterceptor
 
         interceptors = [*interceptors, PeerIdentityInterceptor({"gateway"})]
     server = new_server(interceptors, config.max_message_bytes)
@@ -191,7 +191,7 @@ def start_canary(config: WorkerServerConfig, engine: Engine):
         return None
     from transformers import AutoTokenizer
 
-    from privlm.telemetry.canary import CANARY_TEXT, CanaryMonitor
+    from privlm.base.telemetry.canary import CANARY_TEXT, CanaryMonitor
 
     ids = AutoTokenizer.from_pretrained(config.engine.model, local_files_only=True).encode(CANARY_TEXT)
     monitor = CanaryMonitor(engine.score, ids[:min(len(ids), config.engine.max_num_batched_tokens)],
@@ -207,7 +207,7 @@ def _kv_use(engine: Engine) -> tuple[int, int]:
 
 async def serve(config: WorkerServerConfig, ready_file: Path | None = None, telemetry=None) -> None:
     """Run until SIGTERM/SIGINT; then NOT_SERVING, drain for grace_seconds, stop the engine."""
-    from privlm.telemetry import server_interceptors
+    from privlm.base.telemetry import server_interceptors
 
     engine = await asyncio.to_thread(build_engine, config.engine)
     instruments.get().observe_kv_cache(lambda: _kv_use(engine))
@@ -231,7 +231,7 @@ async def serve(config: WorkerServerConfig, ready_file: Path | None = None, tele
 
 
 def add_engine_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--model", default=None, help="Hugging Face model folder (default: the embedded model)")
+    ap.add_argument("--model", required=True, help="Hugging Face model folder")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
     ap.add_argument("--backend", default="native", choices=["native", "deepspeed"])
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
@@ -253,12 +253,7 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    model = args.model
-    if model is None:
-        from privlm.model_prep import prepare
-
-        model = str(prepare())
-    return EngineConfig(model=model, tp=args.tp, backend=args.backend, dtype=args.dtype, device=args.device,
+    return EngineConfig(model=args.model, tp=args.tp, backend=args.backend, dtype=args.dtype, device=args.device,
                         max_num_seqs=args.max_num_seqs, max_queue=args.max_queue, keep_fp8=args.keep_fp8,
                         custom_all_reduce=args.custom_all_reduce, decode_kernels=args.decode_kernels,
                         fused_all_reduce_norm=args.fused_all_reduce_norm, overlap_decode=args.overlap_decode,
@@ -275,14 +270,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--canary-baseline", type=float, default=None,
                     help="known-good canary perplexity (default: the first measurement)")
     add_transport_args(ap)
-    from privlm.telemetry.config import add_arguments as add_telemetry_args
+    from privlm.base.telemetry.config import add_arguments as add_telemetry_args
 
     add_telemetry_args(ap)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     import os
 
-    from privlm.config import cache_dir
+    from privlm.base.config import cache_dir
 
     # Triton kernels (CUDA decode path) compile on first use: keep them with the deployment's cache
     # rather than the service account's home directory; inherited by locally spawned ranks.
@@ -296,8 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cfg = WorkerServerConfig(engine=engine_cfg, transport=transport_from_args(args), host=args.host, port=args.port,
                              canary_interval_s=args.canary_interval, canary_baseline=args.canary_baseline)
-    from privlm.telemetry.config import from_args
-    from privlm.telemetry.setup import init_service
+    from privlm.base.telemetry.config import from_args
+    from privlm.base.telemetry.setup import init_service
 
     telemetry = init_service(from_args(args, "privlm-worker"))
     asyncio.run(serve(cfg, args.ready_file, telemetry))

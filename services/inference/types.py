@@ -1,5 +1,7 @@
 """Torch-free domain objects shared by the worker server, the scheduler and the engine.
 
+Its exceptions belong to the one family of privlm.base.errors (mapped to gRPC status in one place).
+
 The servicer converts protobuf to these and back; nothing below the servicer imports a _pb2.
 """
 from __future__ import annotations
@@ -7,6 +9,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
+
+from privlm.base.errors import InvalidArgument, ResourceExhausted, Unavailable
 
 
 class FinishReason(enum.Enum):
@@ -71,15 +75,15 @@ class EngineStats:
     extra: dict[str, float] = field(default_factory=dict)
 
 
-class EngineOverloaded(Exception):
-    """The engine's queue is full: the caller should retry later (RESOURCE_EXHAUSTED)."""
+class EngineOverloaded(ResourceExhausted):
+    """The engine's queue is full: the caller should retry later."""
 
 
-class EngineUnavailable(Exception):
-    """The engine cannot serve (a rank died, shutting down): UNAVAILABLE."""
+class EngineUnavailable(Unavailable):
+    """The engine cannot serve (a rank died, shutting down)."""
 
 
-class InvalidRequest(ValueError):
+class InvalidRequest(InvalidArgument):
     """The request cannot be served as asked (e.g. longer than the context window)."""
 
 

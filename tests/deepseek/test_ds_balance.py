@@ -1,15 +1,19 @@
 """Expert placement from observed load: hot-expert replicas, LPT over EP ranks, applied at load."""
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from ds_tiny import build, ep_worker, hf_greedy, prompts
-from services.inference.deepseek.balance import (contiguous, max_over_mean, placement_from_load,
-                                                 plan_placement, rank_loads, save_placement)
+
+from services.inference.deepseek.balance import (
+    contiguous,
+    max_over_mean,
+    placement_from_load,
+    plan_placement,
+    rank_loads,
+    save_placement,
+)
 from services.inference.deepseek.generate import greedy
 from services.inference.deepseek.model import DeepseekV3ForCausalLM
 

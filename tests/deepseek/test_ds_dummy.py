@@ -6,11 +6,11 @@ import json
 import torch
 from ds_tiny import build, prompts
 
+from privlm.testing.engine import generate
 from services.inference.config import EngineConfig
 from services.inference.deepseek.fp8 import FP8, dequant_slice
 from services.inference.deepseek.weights import Linear
 from services.inference.engine import create_engine
-from tests.inference.engine_helpers import generate
 
 
 def _fp8_config_folder(tmp_path):

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import pytest
-
 from ds_tiny import build, hf_greedy, prompts
+
+from privlm.testing.engine import generate  # all prompts at once: mixed prefill + decode steps
 from services.inference.config import EngineConfig
 from services.inference.engine import create_engine
-from tests.inference.engine_helpers import generate  # all prompts at once: mixed prefill + decode steps
 
 
 @pytest.fixture(scope="module")

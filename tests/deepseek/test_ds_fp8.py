@@ -6,12 +6,11 @@ import json
 import pytest
 import torch
 import torch.multiprocessing as mp
+from ds_tiny import build, ep_worker, forward_last, hf_greedy, prompts
 from safetensors import safe_open
 from transformers import DeepseekV3ForCausalLM
 
-from ds_tiny import build, ep_worker, forward_last, hf_greedy, prompts
-from services.inference.deepseek.fp8 import (FP8, dequant_slice, dequantize_checkpoint, quantize_block,
-                                             quantize_checkpoint)
+from services.inference.deepseek.fp8 import FP8, dequant_slice, dequantize_checkpoint, quantize_block, quantize_checkpoint
 from services.inference.deepseek.generate import greedy
 from services.inference.deepseek.model import DeepseekV3ForCausalLM as DeepseekV3
 

@@ -7,14 +7,28 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ds_tiny import build, hf_greedy, prompts
 from transformers import DeepseekV3ForCausalLM
 
-from ds_tiny import build, hf_greedy, prompts
-from services.inference.deepseek.fp8 import FP8, FP8_MAX, dequant_slice, dequantize_checkpoint, quantize_block, \
-    quantize_checkpoint
-from services.inference.deepseek.fp8_matmul import (TENSOR_CORE, WEIGHT_ONLY, Backend, blockwise_linear,
-                                                    dequant_act_1x128, fp8_block_matmul_reference,
-                                                    prepare_weight, probe, quantize_act_1x128)
+from services.inference.deepseek.fp8 import (
+    FP8,
+    FP8_MAX,
+    dequant_slice,
+    dequantize_checkpoint,
+    quantize_block,
+    quantize_checkpoint,
+)
+from services.inference.deepseek.fp8_matmul import (
+    TENSOR_CORE,
+    WEIGHT_ONLY,
+    Backend,
+    blockwise_linear,
+    dequant_act_1x128,
+    fp8_block_matmul_reference,
+    prepare_weight,
+    probe,
+    quantize_act_1x128,
+)
 from services.inference.deepseek.generate import greedy
 from services.inference.deepseek.model import DeepseekV3ForCausalLM as DeepseekV3
 from services.inference.deepseek.weights import Linear

@@ -1,13 +1,14 @@
 """Native DeepSeek-V3 vs transformers' DeepseekV3ForCausalLM on a tiny random checkpoint (fp32)."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.multiprocessing as mp
-import pytest
-
 from ds_tiny import build, ep_worker, forward_last, hf_greedy, prompts, set_moe_impl
+
 from services.inference.deepseek.generate import _decode_meta, _prefill_meta, greedy
-from services.inference.deepseek.model import DeepseekV3ForCausalLM as DeepseekV3, imbalance
+from services.inference.deepseek.model import DeepseekV3ForCausalLM as DeepseekV3
+from services.inference.deepseek.model import imbalance
 
 N_NEW = 12
 

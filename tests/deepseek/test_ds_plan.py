@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from privlm.config import ConfigError
+from privlm.base.config import ConfigError
 from services.inference.deepseek.config import DeepseekConfig
 from services.inference.deepseek.plan import main, make_plan, parse_bytes
 

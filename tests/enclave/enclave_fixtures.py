@@ -11,7 +11,7 @@ from enclave.attestation.simulated import load_or_create_root, public_hex
 from enclave.config import EnclaveConfig
 from enclave.gateway_mount import mount
 from enclave.runtime import ConfidentialRuntime
-from privlm.grpcserver import add_health_and_reflection, bind, new_server
+from privlm.base.grpcserver import add_health_and_reflection, bind, new_server
 from privlm.v1 import inference_pb2
 
 MEASUREMENT = hashlib.sha384(b"privlm test build").digest()

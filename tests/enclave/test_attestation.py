@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from enclave_fixtures import MEASUREMENT, dev_policy, sim_runtime
 
 from enclave import evidence as ev
@@ -14,8 +15,7 @@ from enclave.attestation import policy as pol
 from enclave.attestation.simulated import SimulatedBackend
 from enclave.config import EnclaveConfig
 from enclave.hpke import ServerKey
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from privlm.config import ConfigError
+from privlm.base.config import ConfigError
 
 
 @pytest.fixture()

@@ -6,13 +6,14 @@ import struct
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from enclave import audit_cli
 from enclave.audit import merkle
 from enclave.audit.checkpoint import Checkpoint
 from enclave.audit.events import AuditEvent, EventError
-from enclave.audit.log import ENTRIES, CHECKPOINTS, AuditLog, TamperError
+from enclave.audit.log import CHECKPOINTS, ENTRIES, AuditLog, TamperError
 
 KEY = Ed25519PrivateKey.generate()
 
@@ -168,6 +169,7 @@ def test_torn_tail_from_a_crash_is_cut_and_log_continues(tmp_path):
 
 def test_audit_grpc_service_proofs_verify_client_side(tmp_path):
     from enclave_fixtures import channel, serve, sim_runtime
+
     from privlm.v1 import audit_pb2, audit_pb2_grpc
 
     rt = sim_runtime(tmp_path)

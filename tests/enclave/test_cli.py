@@ -3,8 +3,9 @@ import json
 
 from enclave_fixtures import MEASUREMENT, serve, sim_runtime
 
-from enclave import audit_cli, certs, measure, verify_cli
+from enclave import audit_cli, measure, verify_cli
 from enclave.attestation import policy as pol
+from privlm.base import certs
 
 
 def _model(tmp_path):

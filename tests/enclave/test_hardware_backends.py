@@ -162,6 +162,7 @@ def test_runtime_attests_gpu_through_the_cli_boundary(tmp_path):
     import sys
 
     from enclave_fixtures import dev_policy, sim_config
+
     from enclave.runtime import ConfidentialRuntime
 
     signer = NvidiaSigner()

@@ -156,7 +156,7 @@ def test_bank_provisions_ckks_key_over_grpc_push_model(tmp_path):
     np.testing.assert_allclose(ts.ckks_vector_from(ctx, scores).decrypt(), [0.9, 0.1], atol=1e-4)
     assert out["replay"] == grpc.StatusCode.PERMISSION_DENIED and out["tenant"] == grpc.StatusCode.INVALID_ARGUMENT
     assert rt.rejections["replayed"] == 1 and rt.rejections["wrong_binding"] == 1
-    from privlm.errors import NotFound
+    from privlm.base.errors import NotFound
     with pytest.raises(NotFound):
         rt.secret("bank-b", "ckks-secret-key")
     assert [e.tenant for e in _kinds(rt) if e.kind == "key_released"] == ["bank-a", "bank-a"]

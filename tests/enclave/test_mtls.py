@@ -5,8 +5,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from enclave import certs
-from privlm.grpcserver import add_health_and_reflection, bind, new_server
+from privlm.base import certs
+from privlm.base.grpcserver import add_health_and_reflection, bind, new_server
 from privlm.v1 import audit_pb2, audit_pb2_grpc
 
 
@@ -81,9 +81,9 @@ def test_worker_accepts_only_gateway_peer(tmp_path):
 
 
 def test_plaintext_only_behind_the_explicit_flag_and_it_warns(tmp_path, capsys):
-    """The one transport switch (privlm.transport.TransportConfig): mTLS or explicit dev plaintext."""
-    from privlm.config import ConfigError
-    from privlm.transport import TransportConfig
+    """The one transport switch (privlm.base.transport.TransportConfig): mTLS or explicit dev plaintext."""
+    from privlm.base.config import ConfigError
+    from privlm.base.transport import TransportConfig
 
     with pytest.raises(ConfigError, match="plaintext_dev"):
         TransportConfig()

@@ -1,11 +1,10 @@
 """Sealed generation through the real gateway and worker group with the default model."""
-from privlm.transport import PLAINTEXT_DEV
-
 import pytest
 from enclave_fixtures import dev_policy, sim_config
 
 from enclave.client import ConfidentialClient
-from enclave.gateway_mount import add_confidential_services
+from privlm.base.transport import PLAINTEXT_DEV
+from privlm.gateway_app import ConfidentialMount
 from privlm.v1 import inference_pb2
 
 pytestmark = [pytest.mark.model]
@@ -17,9 +16,10 @@ def test_sealed_generate_through_real_gateway(tmp_path, loop_thread, default_mod
 
     from gateway.config import GatewayConfig, ModelRoute
     from gateway.server import create_server as create_gateway
-    from privlm.grpcserver import SERVING
+    from privlm.base.grpcserver import SERVING
     from services.inference.config import EngineConfig, WorkerServerConfig
-    from services.inference.server import build_engine, create_server as create_worker
+    from services.inference.server import build_engine
+    from services.inference.server import create_server as create_worker
 
     cfg = sim_config(tmp_path)
     engine = build_engine(EngineConfig(model=str(default_model), dtype="float32", max_queue=8))
@@ -30,7 +30,7 @@ def test_sealed_generate_through_real_gateway(tmp_path, loop_thread, default_mod
     gcfg = GatewayConfig(transport=PLAINTEXT_DEV, models=(ModelRoute(str(default_model), f"127.0.0.1:{wport}"),), allow_anonymous=True)
     try:
         gw, port, service, _ = loop_thread.run(create_gateway(
-            gcfg, extra_services=lambda server, gen: add_confidential_services(server, gen, cfg)))
+            gcfg, mounts=[ConfidentialMount(cfg)]))
         loop_thread.run(gw.start())
     except BaseException:
         loop_thread.run(worker.stop(0))

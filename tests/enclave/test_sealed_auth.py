@@ -1,7 +1,7 @@
 """Sealed requests behind the gateway's tenant authentication, over real gRPC and real HPKE.
 
 The server is composed as the gateway composes it: privlm's status mapping, then TenantInterceptor,
-then Confidential + Audit mounted with the authenticated tenant (gateway/server.py config_mounts).
+then Confidential + Audit mounted with the authenticated tenant (privlm/gateway_app.py ConfidentialMount).
 """
 import asyncio
 import contextlib
@@ -15,7 +15,7 @@ from enclave.client import ConfidentialClient
 from enclave.gateway_mount import mount
 from enclave.hpke import seal
 from gateway.tenants import TenantConfig, TenantInterceptor, TenantRegistry, current_tenant, hash_token
-from privlm.grpcserver import add_health_and_reflection, bind, new_server
+from privlm.base.grpcserver import add_health_and_reflection, bind, new_server
 from privlm.v1 import enclave_pb2, enclave_pb2_grpc, inference_pb2
 
 TOKENS = {"bank-a": "plm_token-of-bank-a", "bank-b": "plm_token-of-bank-b"}

@@ -7,9 +7,9 @@ from enclave_fixtures import channel, dev_policy, serve, sim_runtime
 
 from enclave.attestation import AttestationError
 from enclave.attestation import policy as pol
+from enclave.audit.events import AuditEvent
 from enclave.client import ConfidentialClient, open_stream
 from enclave.hpke import ServerKey
-from enclave.audit.events import AuditEvent
 from privlm.v1 import enclave_pb2, enclave_pb2_grpc, inference_pb2
 
 
@@ -114,7 +114,7 @@ def test_production_policy_refuses_simulated_gateway(tmp_path):
 
 def test_errors_inside_the_boundary_come_back_sealed_and_tenant_is_bound(tmp_path):
     from enclave.client import SealedStreamError
-    from privlm.errors import InvalidArgument
+    from privlm.base.errors import InvalidArgument
     rt = sim_runtime(tmp_path)
 
     async def failing(request, context):
@@ -123,7 +123,7 @@ def test_errors_inside_the_boundary_come_back_sealed_and_tenant_is_bound(tmp_pat
 
     async def main():
         from enclave.gateway_mount import mount
-        from privlm.grpcserver import bind, new_server
+        from privlm.base.grpcserver import bind, new_server
         server = new_server()
         mount(server, failing, rt.config, runtime=rt, tenant_of=lambda ctx: "bank-a")
         port = bind(server, "127.0.0.1", 0)

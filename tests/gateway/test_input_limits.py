@@ -10,7 +10,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.tenants import TenantConfig, hash_token
-from privlm.transport import PLAINTEXT_DEV
+from privlm.base.transport import PLAINTEXT_DEV
 from privlm.v1 import inference_pb2 as pb
 from privlm.v1 import inference_pb2_grpc as pb_grpc
 

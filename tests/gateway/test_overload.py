@@ -5,7 +5,7 @@ import time
 import grpc
 import pytest
 
-from privlm.transport import PLAINTEXT_DEV
+from privlm.base.transport import PLAINTEXT_DEV
 from privlm.v1 import inference_pb2 as pb
 from privlm.v1 import inference_pb2_grpc as pb_grpc
 
@@ -16,9 +16,10 @@ pytestmark = pytest.mark.model
 def small_queue(loop_thread, default_model):
     from gateway.config import GatewayConfig, ModelRoute
     from gateway.server import create_server as create_gateway
-    from privlm.grpcserver import SERVING
+    from privlm.base.grpcserver import SERVING
     from services.inference.config import EngineConfig, WorkerServerConfig
-    from services.inference.server import build_engine, create_server as create_worker
+    from services.inference.server import build_engine
+    from services.inference.server import create_server as create_worker
 
     ecfg = EngineConfig(model=str(default_model), dtype="bfloat16", max_num_seqs=1, max_queue=1)
     engine = build_engine(ecfg)

@@ -1,5 +1,4 @@
 """Tenant authentication and limits on a real gateway (sharing the stack's worker group)."""
-from privlm.transport import PLAINTEXT_DEV
 import concurrent.futures as cf
 import time
 
@@ -8,7 +7,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.tenants import TenantConfig, hash_token
-from privlm.config import ConfigError
+from privlm.base.config import ConfigError
+from privlm.base.transport import PLAINTEXT_DEV
 from privlm.v1 import inference_pb2 as pb
 from privlm.v1 import inference_pb2_grpc as pb_grpc
 

@@ -12,8 +12,10 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 from he_support import F, make_model  # noqa: E402
+
 from services.he.keys import BankKeys  # noqa: E402
-from services.he.model import save_model  # noqa: E402
+from services.he.model import ScoringModel, save_model  # noqa: E402
+
 
 @pytest.fixture(scope="session")
 def he_model() -> ScoringModel:

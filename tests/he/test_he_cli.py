@@ -13,9 +13,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-
 from he_support import make_model, make_records
-from privlm.config import ConfigError, from_mapping
+
+from privlm.base.config import ConfigError, from_mapping
 from services.he.config import HEServiceConfig
 from services.he.model import load_model, save_model
 
@@ -97,7 +97,7 @@ def test_main_rejects_bad_model_file(tmp_path):
 
 
 def test_demo_he(capsys):
-    from services.he.demo import main
+    from privlm.scenarios.he_demo import main
 
     assert main(["--records", "400"]) == 0
     out = capsys.readouterr().out
@@ -106,7 +106,7 @@ def test_demo_he(capsys):
 
 
 def test_mtls_admits_only_allowed_peers(loop_thread, tmp_path):
-    from enclave import certs
+    from privlm.base import certs
     from services.he.client import HEClient
     from services.he.keys import BankKeys
     from services.he.server import create_server

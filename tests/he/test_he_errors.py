@@ -5,8 +5,8 @@ import grpc
 import numpy as np
 import pytest
 import tenseal as ts
-
 from he_support import F, make_records
+
 from privlm.v1 import he_pb2 as pb
 from services.he.client import HEClient, score_request
 from services.he.keys import BankKeys
@@ -258,7 +258,7 @@ def test_mutated_ciphertexts_and_contexts_fuzz(he_model, keys1):
     """Random byte flips and cuts: every outcome is a result or a caller error, never a crash or an
     internal error. (A flip that keeps coefficients below their moduli loads and computes garbage:
     ciphertexts carry no integrity tag the server could check; mTLS protects them in transit.)"""
-    from privlm.errors import FailedPrecondition, InvalidArgument
+    from privlm.base.errors import FailedPrecondition, InvalidArgument
     from services.he.config import HEServiceConfig
     from services.he.engine import HEEngine, ScoreJob
 

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from he_support import F, TOLERANCE, make_records
+from he_support import TOLERANCE, F, make_records
 
 
 def test_feature_major_linear_depth1(client, keys1_plain, he_model):
@@ -52,8 +51,8 @@ def test_compact_ring_single_records(client, he_model):
 
 
 def test_auto_packing_picks_fewest_ciphertexts(keys1, keys1_plain):
-    from services.he.client import score_request
     from privlm.v1 import he_pb2 as pb
+    from services.he.client import score_request
 
     small = score_request(keys1, make_records(3))
     assert small.packing == pb.PACKING_RECORD_PER_CIPHERTEXT and len(small.ciphertexts) == 3

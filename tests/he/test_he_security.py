@@ -7,8 +7,8 @@ import grpc
 import numpy as np
 import pytest
 import tenseal as ts
-
 from he_support import make_records
+
 from privlm.v1 import he_pb2 as pb
 from services.he.client import HEClient, read_scores, score_request
 from services.he.keys import BankKeys, KeyMismatch
@@ -140,10 +140,10 @@ def test_several_clients_at_once(target, he_model):
 
 def test_trace_spans_carry_sizes_not_values(loop_thread, tmp_path, he_model, keys1):
     """One trace client -> server: the RPC span and a privlm.he.score child with sizes and ids only."""
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-    from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
     from services.he.config import HEServiceConfig
     from services.he.model import save_model

@@ -99,10 +99,10 @@ def _shm_follower(name, conn):
 
 def test_tp2_engine_with_shm_plans_matches_gloo(tmp_path):
     """The same greedy tokens whichever channel carries the plans (CPU, two real ranks)."""
+    from privlm.testing.engine import generate
+    from privlm.testing.tiny_models import build
     from services.inference.config import EngineConfig
     from services.inference.engine import create_engine
-    from tests.inference.engine_helpers import generate
-    from tests.inference.tiny_models import build
 
     path = build("llama", tmp_path / "tiny")
     prompts = [[1, 17, 99, 23, 5], [1] + list(range(30, 50))]
@@ -138,11 +138,11 @@ def test_tp2_shm_plans_rank_death_ends_requests(tmp_path):
     """With shared-memory plans a dead follower still ends in-flight work with an error, quickly."""
     import time
 
+    from privlm.testing.engine import submit
+    from privlm.testing.tiny_models import build
     from services.inference.config import EngineConfig
     from services.inference.engine import create_engine
     from services.inference.types import FinishReason
-    from tests.inference.engine_helpers import submit
-    from tests.inference.tiny_models import build
 
     path = build("llama", tmp_path / "tiny")
     eng = create_engine(EngineConfig(model=str(path), dtype="float32", tp=2, threads=1, plan_channel="shm",

@@ -140,7 +140,7 @@ def test_batched_bf16_attention_reads_the_context_in_place(default_model):
 
 
 def test_fused_with_qkv_bias(tmp_path):
-    from tests.inference.tiny_models import build
+    from privlm.testing.tiny_models import build
 
     path = build("qwen2", tmp_path / "qwen2")
     runner = ModelRunner(EngineConfig(model=str(path), dtype="float32", threads=1, num_kv_blocks=16), Comm())

@@ -21,8 +21,8 @@ from pathlib import Path
 from services.inference.config import EngineConfig
 from services.inference.engine import create_engine, gemv
 from services.inference.engine.cuda_graphs import DecodeGraphs
-from tests.inference.engine_helpers import generate
-from tests.inference.tiny_models import build, hf_greedy
+from privlm.testing.engine import generate
+from privlm.testing.tiny_models import build, hf_greedy
 
 calls = {"gemv": 0, "gated": 0}
 _gemv = gemv.gemv

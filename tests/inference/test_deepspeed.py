@@ -14,12 +14,11 @@ import time
 import pytest
 import torch
 
-from privlm.config import ConfigError
+from privlm.base.config import ConfigError
 from services.inference.config import EngineConfig
 from services.inference.deepspeed_backend import create_deepspeed_engine
 from services.inference.deepspeed_backend.launch import EXTENSIONS_DIR, REPO_ROOT, rank_env
-from services.inference.types import (EngineUnavailable, FinishReason, GenerationRequest, InvalidRequest,
-                                      SamplingParams)
+from services.inference.types import EngineUnavailable, FinishReason, GenerationRequest, InvalidRequest, SamplingParams
 
 PROMPTS = [[5, 17, 42, 99, 7], [200, 3, 3, 81, 64, 12, 9, 150, 33, 2, 77, 18], [11, 250], [60] * 9]
 
@@ -170,7 +169,7 @@ def test_idle_group_is_kept_alive_by_heartbeats(engine, tiny_llama):
 
 def test_scoring_for_the_canary_equals_transformers(engine, tiny_llama):
     """engine.score (teacher-forced log-probs, the perplexity canary's input) through both ranks."""
-    from privlm.telemetry.canary import hf_scorer
+    from privlm.base.telemetry.canary import hf_scorer
 
     ids = [1, 17, 99, 23, 5, 42, 7, 130, 64]
     ours = engine.score(ids)

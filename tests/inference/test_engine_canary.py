@@ -3,7 +3,7 @@ corrupting the served weights makes the guide's alert condition fire."""
 import pytest
 import torch
 
-from privlm.telemetry.canary import CANARY_TEXT, CanaryMonitor, hf_scorer
+from privlm.base.telemetry.canary import CANARY_TEXT, CanaryMonitor, hf_scorer
 from services.inference.config import EngineConfig
 from services.inference.engine import create_engine
 

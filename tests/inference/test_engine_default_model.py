@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import pytest
 
-from tests.inference.engine_helpers import generate, submit
-from tests.conftest import hf_greedy
+from privlm.testing.engine import generate
 from services.inference.config import EngineConfig
 from services.inference.engine import create_engine
-from services.inference.types import (EngineUnavailable, FinishReason, GenerationRequest, InvalidRequest,
-                                      SamplingParams)
+from services.inference.types import GenerationRequest, InvalidRequest, SamplingParams
+from tests.conftest import hf_greedy
 
 pytestmark = pytest.mark.model
 

@@ -6,12 +6,11 @@ import time
 
 import pytest
 
+from privlm.testing.engine import generate, submit
+from privlm.testing.tiny_models import build, hf_greedy
 from services.inference.config import EngineConfig
 from services.inference.engine import create_engine
-from services.inference.types import (EngineUnavailable, FinishReason, GenerationRequest, InvalidRequest,
-                                      SamplingParams)
-from tests.inference.engine_helpers import generate, submit
-from tests.inference.tiny_models import build, hf_greedy
+from services.inference.types import EngineUnavailable, FinishReason, GenerationRequest, InvalidRequest, SamplingParams
 
 PROMPTS = [[1, 17, 99, 23, 5], [1] + list(range(30, 70)), [1, 200, 201], [1] + [(i * 37) % 240 + 3 for i in range(90)]]
 N = 24
@@ -155,7 +154,7 @@ def _launcher_follower(cfg: dict, monkeypatch):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    code = ("import json, sys; from privlm.config import from_mapping; "
+    code = ("import json, sys; from privlm.base.config import from_mapping; "
             "from services.inference.config import EngineConfig; "
             "from services.inference.engine import run_follower; "
             "run_follower(from_mapping(EngineConfig, json.loads(sys.argv[1])))")

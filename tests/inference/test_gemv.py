@@ -73,7 +73,8 @@ def _cases() -> dict:
     out["gated_row_linear"] = {"err": (row(gu, gated=True) - plain).abs().max().item(),
                                "batch2_err": (row(torch.cat([gu, gu]), gated=True) - plain.repeat(2, 1)).abs().max().item()}
     out["applies"] = {"gated_ok": G.applies(torch.zeros(1, 16), torch.zeros(4, 8), gated=True),
-                      "gated_wrong_k": G.applies(torch.zeros(1, 8), torch.zeros(4, 8), gated=True),"batch2": G.applies(torch.zeros(2, 8), torch.zeros(4, 8)),
+                      "gated_wrong_k": G.applies(torch.zeros(1, 8), torch.zeros(4, 8), gated=True),
+                      "batch2": G.applies(torch.zeros(2, 8), torch.zeros(4, 8)),
                       "dtype": G.applies(torch.zeros(1, 8), torch.zeros(4, 8, dtype=torch.bfloat16)),
                       "transposed_w": G.applies(torch.zeros(1, 8), torch.zeros(8, 4).t()),
                       "ok": G.applies(torch.zeros(1, 8), torch.zeros(4, 8))}

@@ -10,11 +10,11 @@ import time
 
 import pytest
 
+from privlm.testing.engine import generate
+from privlm.testing.tiny_models import build, hf_greedy
 from services.inference.config import EngineConfig
 from services.inference.engine import create_engine
-from tests.inference.engine_helpers import generate
 from tests.inference.test_engine_tiny import _launcher_follower
-from tests.inference.tiny_models import build, hf_greedy
 
 PROMPT = [1, 17, 99, 23, 5]
 N = 8

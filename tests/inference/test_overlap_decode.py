@@ -8,11 +8,11 @@ import time
 
 import pytest
 
+from privlm.testing.engine import generate, submit
+from privlm.testing.tiny_models import build, hf_greedy
 from services.inference.config import EngineConfig
 from services.inference.engine import create_engine
 from services.inference.engine.cuda_graphs import DecodeGraphs
-from tests.inference.engine_helpers import generate, submit
-from tests.inference.tiny_models import build, hf_greedy
 
 PROMPTS = [[1, 17, 99, 23, 5], [1] + list(range(30, 70)), [1, 200, 201], [1] + [(i * 37) % 240 + 3 for i in range(50)]]
 LENS = [24, 7, 16, 3]          # different max_new_tokens: the lookahead drops rows as requests end

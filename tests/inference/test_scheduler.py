@@ -9,7 +9,7 @@ import pytest
 
 from services.inference.engine.block_manager import BlockManager
 from services.inference.engine.scheduler import Scheduler
-from services.inference.engine.sequence import Sequence, SeqStatus
+from services.inference.engine.sequence import SeqStatus, Sequence
 from services.inference.types import FinishReason, SamplingParams
 
 ROOT = Path(__file__).resolve().parents[2]

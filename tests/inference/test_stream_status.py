@@ -21,7 +21,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from privlm.transport import PLAINTEXT_DEV
+from privlm.base.transport import PLAINTEXT_DEV
 from privlm.v1 import inference_pb2 as pb
 from privlm.v1 import inference_pb2_grpc as pb_grpc
 
@@ -37,9 +37,9 @@ class Observed:
     def __init__(self, lt, model, **engine):
         from gateway.config import GatewayConfig, ModelRoute
         from gateway.server import create_server as create_gateway
-        from privlm.grpcserver import SERVING
-        from privlm.telemetry import client_interceptors, server_interceptors
-        from privlm.telemetry.instruments import Instruments
+        from privlm.base.grpcserver import SERVING
+        from privlm.base.telemetry import client_interceptors, server_interceptors
+        from privlm.base.telemetry.instruments import Instruments
         from services.inference.config import EngineConfig, WorkerServerConfig
         from services.inference.server import build_engine
         from services.inference.server import create_server as create_worker

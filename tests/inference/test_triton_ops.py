@@ -26,6 +26,7 @@ except ImportError:
 
 def _rope_case(dtype, hq, hkv, d, n=5, nslots=64):
     import torch
+
     from services.inference.engine import triton_ops as T
 
     dtype = getattr(torch, dtype)
@@ -55,6 +56,7 @@ def _rope_case(dtype, hq, hkv, d, n=5, nslots=64):
 def _attn_case(dtype, hq, hkv, d, lens, block_size, part_size, nslots_blocks=64):
     """Random non-contiguous block tables; entries past each length are -1 or out of range."""
     import torch
+
     from services.inference.engine import triton_ops as T
     from services.inference.engine.attention import decode_attention
     from services.inference.engine.cuda_graphs import _Static
@@ -97,6 +99,7 @@ def _engine_padded_case():
     """The CUDA-graph buffers as the engine fills them (cuda_graphs._Static: int64 lengths and a -1
     padded block table, views of one input buffer), with a padding row (length 1, no blocks)."""
     import torch
+
     from services.inference.engine import triton_ops as T
     from services.inference.engine.cuda_graphs import _Static
 
@@ -143,6 +146,7 @@ def _compile_sm90():
     needed), specialised as the launcher does (16-byte aligned pointers, strides % 16 == 0)."""
     import triton
     from triton.backends.compiler import GPUTarget
+
     from services.inference.engine import triton_ops as T
 
     rope, attn, merge, interpreted = T._kernels()

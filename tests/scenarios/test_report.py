@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from gateway.scenarios.finreport import analysis_messages, build_report
+from privlm.scenarios.finreport import analysis_messages, build_report
 
 
 def test_same_seed_same_report_other_seed_other_report():

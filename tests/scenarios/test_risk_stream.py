@@ -11,9 +11,9 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from gateway.scenarios.risk_client import RiskClient
-from gateway.scenarios.risk_data import transactions
-from privlm.telemetry import TelemetryConfig, setup_telemetry
+from privlm.base.telemetry import TelemetryConfig, setup_telemetry
+from privlm.scenarios.risk_client import RiskClient
+from privlm.scenarios.risk_data import transactions
 from services.he.keys import BankKeys
 
 pytestmark = pytest.mark.slow
@@ -23,7 +23,7 @@ MAX_TOKENS = 6
 
 @pytest.fixture(scope="module")
 def risk_env(loop_thread, default_model, tmp_path_factory):
-    from gateway.scenarios.stack import ScenarioStack
+    from privlm.scenarios.stack import ScenarioStack
 
     exporter = InMemorySpanExporter()
     tel = setup_telemetry(TelemetryConfig(service_name="privlm-scenario-test", export_delay_ms=50),
@@ -227,7 +227,7 @@ def test_overload_skips_explanations_never_decisions(risk_env, loop_thread):
     """With one explanation slot, a burst of alerts all get their decisions; the rest of the
     explanations are skipped ("overloaded"), sealed, and counted at session end."""
     stack, _, _, keys = risk_env
-    engine = stack.risk.engine
+    engine = stack.mount.risk_servicer.engine
     txs = transactions(60, seed=11)
     x = np.array([t.features for t in txs])
     p = 1 / (1 + np.exp(-stack.risk_model.logit(x)))
@@ -327,25 +327,22 @@ def test_protocol_violations_end_the_call_with_invalid_argument(risk_env, loop_t
 def test_authenticated_tenant_binds_the_session(risk_env, loop_thread):
     """Behind tenant authentication the stream runs as the authenticated tenant: a session sealed for
     another tenant is refused, a call without credentials is UNAUTHENTICATED."""
-    from enclave.gateway_mount import mount as mount_confidential
     from gateway.config import GatewayConfig, ModelRoute
-    from gateway.scenarios.risk import RiskConfig, mount_risk_service
     from gateway.server import create_server
     from gateway.tenants import TenantConfig, hash_token
-    from privlm.transport import PLAINTEXT_DEV
+    from privlm.base.transport import PLAINTEXT_DEV
+    from privlm.gateway_app import ConfidentialMount
+    from privlm.scenarios.risk import RiskConfig
 
     stack, _, _, keys = risk_env
     route = next(iter(stack.service.models.values())).route
     cfg = GatewayConfig(models=(ModelRoute(route.model_dir, route.worker_target),), transport=PLAINTEXT_DEV,
                         tenants=(TenantConfig("bank-a", hash_token("token-a")),))
 
-    def extra(server, generate_stream):
-        names = mount_confidential(server, generate_stream, stack.runtime.config, runtime=stack.runtime).names
-        return names + mount_risk_service(server, generate_stream.__self__.service,
-                                          RiskConfig(he_target=stack.he_target), runtime=stack.runtime)
+    mount = ConfidentialMount(stack.runtime.config, RiskConfig(he_target=stack.he_target), runtime=stack.runtime)
 
     async def scenario():
-        server, port, service, _ = await create_server(cfg, extra_services=extra)
+        server, port, service, _ = await create_server(cfg, mounts=[mount])
         await server.start()
         target = f"127.0.0.1:{port}"
         t = transactions(1, seed=2)[0]
@@ -367,7 +364,7 @@ def test_authenticated_tenant_binds_the_session(risk_env, loop_thread):
                     await channel.close()
         finally:
             await server.stop(1)
-            await server.privlm_risk.close()
+            await mount.close()
             await service.close()
         return outcomes
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from privlm.telemetry import TelemetryConfig, init_service, instruments  # noqa: E402
+from privlm.base.telemetry import TelemetryConfig, init_service, instruments  # noqa: E402
 
 early = instruments.get()            # created before any provider is installed (proxy meter)
 tel = init_service(TelemetryConfig(service_name="privlm-global-test", metrics_port=0))

@@ -1,4 +1,4 @@
-"""A two-hop test service shaped like gateway -> worker, instrumented with privlm.telemetry.
+"""A two-hop test service shaped like gateway -> worker, instrumented with privlm.base.telemetry.
 
 Not a stand-in for the real servers' behaviour: it exists so the telemetry library is tested across
 a real gRPC client/server boundary (and a real process boundary, via `python obs_chain.py worker`)
@@ -18,11 +18,11 @@ if str(ROOT) not in sys.path:
 
 import grpc  # noqa: E402
 
-from privlm.grpcserver import SERVING, add_health_and_reflection, bind, new_server  # noqa: E402
+from privlm.base.grpcserver import SERVING, add_health_and_reflection, bind, new_server  # noqa: E402
+from privlm.base.telemetry import client_interceptors, server_interceptors  # noqa: E402
+from privlm.base.telemetry.instruments import Instruments  # noqa: E402
+from privlm.base.telemetry.spans import GenerationSpan, RequestTimeline  # noqa: E402
 from privlm.internal.v1 import worker_pb2, worker_pb2_grpc  # noqa: E402
-from privlm.telemetry import client_interceptors, server_interceptors  # noqa: E402
-from privlm.telemetry.instruments import Instruments  # noqa: E402
-from privlm.telemetry.spans import GenerationSpan, RequestTimeline  # noqa: E402
 from privlm.v1 import inference_pb2, inference_pb2_grpc  # noqa: E402
 
 log = logging.getLogger("privlm.test.chain")
@@ -117,7 +117,7 @@ async def start_gateway(worker_address, tracer_provider, instruments):
 
 async def _worker_process(otlp_endpoint: str) -> None:
     """Run the worker hop in this process with global telemetry; print its port; stop on stdin EOF."""
-    from privlm.telemetry import TelemetryConfig, setup_telemetry
+    from privlm.base.telemetry import TelemetryConfig, setup_telemetry
 
     tel = setup_telemetry(TelemetryConfig(service_name="privlm-test-worker", otlp_endpoint=otlp_endpoint,
                                           export_delay_ms=50))

@@ -7,10 +7,9 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from privlm.telemetry import TelemetryConfig, setup_telemetry
-from privlm.telemetry.canary import (CANARY_TEXT, CanaryMonitor, alert_condition, canary_perplexity, hf_scorer,
-                                     perplexity)
-from privlm.telemetry.instruments import Instruments
+from privlm.base.telemetry import TelemetryConfig, setup_telemetry
+from privlm.base.telemetry.canary import CANARY_TEXT, CanaryMonitor, alert_condition, canary_perplexity, hf_scorer, perplexity
+from privlm.base.telemetry.instruments import Instruments
 
 
 def test_perplexity_math():

@@ -5,8 +5,8 @@ import argparse
 
 import pytest
 
-from privlm.config import ConfigError, from_mapping
-from privlm.telemetry.config import TelemetryConfig, add_arguments, from_args
+from privlm.base.config import ConfigError, from_mapping
+from privlm.base.telemetry.config import TelemetryConfig, add_arguments, from_args
 
 
 @pytest.mark.parametrize("bad, field", [

@@ -1,22 +1,21 @@
 """One trace id across the real gateway and worker servers, received by the real OTLP receiver.
 
 Uses the shared session stack's engine (tests/conftest.py) behind a second worker server and a
-second gateway, both built by their own create_server() with privlm.telemetry interceptors, each
+second gateway, both built by their own create_server() with privlm.base.telemetry interceptors, each
 with its own tracer provider (service name), as `privlm up` will run them.
 """
 from __future__ import annotations
-from privlm.transport import PLAINTEXT_DEV
 
-import asyncio
 import secrets
 
 import grpc
 import pytest
 
-from privlm.telemetry import TelemetryConfig, client_interceptors, server_interceptors, setup_telemetry
-from privlm.telemetry.instruments import Instruments
-from privlm.telemetry.receiver import create_receiver
-from privlm.telemetry.spanstore import read_store
+from privlm.base.telemetry import TelemetryConfig, client_interceptors, server_interceptors, setup_telemetry
+from privlm.base.telemetry.instruments import Instruments
+from privlm.base.telemetry.receiver import create_receiver
+from privlm.base.telemetry.spanstore import read_store
+from privlm.base.transport import PLAINTEXT_DEV
 from privlm.v1 import inference_pb2, inference_pb2_grpc
 
 SECRET = "acct-7781-2231-balance-5520193.17"
@@ -27,7 +26,7 @@ def dev_config(cls, **kwargs):
     import dataclasses
 
     if "transport" in {f.name for f in dataclasses.fields(cls)}:
-        from privlm.transport import PLAINTEXT_DEV
+        from privlm.base.transport import PLAINTEXT_DEV
 
         kwargs.setdefault("transport", PLAINTEXT_DEV)
     return cls(**kwargs)
@@ -38,7 +37,7 @@ def dev_config(cls, **kwargs):
 def test_one_trace_across_gateway_and_worker(stack, loop_thread, default_model, tmp_path):
     from gateway.config import GatewayConfig, ModelRoute
     from gateway.server import create_server as create_gateway
-    from privlm.grpcserver import SERVING
+    from privlm.base.grpcserver import SERVING
     from services.inference.config import EngineConfig, WorkerServerConfig
     from services.inference.server import create_server as create_worker
 

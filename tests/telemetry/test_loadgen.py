@@ -6,12 +6,12 @@ import json
 import threading
 
 import pytest
-
 from obs_chain import start_gateway, start_worker
-from privlm.telemetry import TelemetryConfig, setup_telemetry
-from privlm.telemetry.instruments import Instruments
-from privlm.telemetry.loadgen import main
-from privlm.telemetry.receiver import create_receiver
+
+from privlm.base.telemetry import TelemetryConfig, setup_telemetry
+from privlm.base.telemetry.instruments import Instruments
+from privlm.base.telemetry.receiver import create_receiver
+from privlm.loadgen import main
 
 
 @pytest.fixture(scope="module")

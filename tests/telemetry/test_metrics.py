@@ -9,12 +9,12 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
+from obs_chain import start_gateway, start_worker
 from prometheus_client.parser import text_string_to_metric_families
 
-from obs_chain import start_gateway, start_worker
-from privlm.telemetry import TelemetryConfig, setup_telemetry
-from privlm.telemetry.canary import ALERT_THRESHOLD
-from privlm.telemetry.instruments import CpuUtilization, Instruments
+from privlm.base.telemetry import TelemetryConfig, setup_telemetry
+from privlm.base.telemetry.canary import ALERT_THRESHOLD
+from privlm.base.telemetry.instruments import CpuUtilization, Instruments
 from privlm.v1 import inference_pb2, inference_pb2_grpc
 
 ALERTS = Path(__file__).resolve().parents[2] / "docs" / "prometheus" / "alerts.yml"

@@ -7,13 +7,13 @@ import logging
 import urllib.request
 
 import grpc
+from obs_chain import start_gateway, start_worker
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from obs_chain import start_gateway, start_worker
-from privlm.telemetry import TelemetryConfig, client_interceptors, setup_telemetry
-from privlm.telemetry.instruments import Instruments
-from privlm.telemetry.receiver import create_receiver
-from privlm.telemetry.redact import REDACTED, install_log_redaction, scrub_traceback
+from privlm.base.telemetry import TelemetryConfig, client_interceptors, setup_telemetry
+from privlm.base.telemetry.instruments import Instruments
+from privlm.base.telemetry.receiver import create_receiver
+from privlm.base.telemetry.redact import REDACTED, install_log_redaction, scrub_traceback
 from privlm.v1 import inference_pb2, inference_pb2_grpc
 
 SECRET = "IBAN-DE89370400440532013000-acct-balance-918273.55"

@@ -11,13 +11,13 @@ from urllib.parse import parse_qs, urlparse
 import grpc
 import numpy as np
 import pytest
-
 from obs_chain import start_gateway, start_worker
-from privlm.telemetry import TelemetryConfig, client_interceptors, setup_telemetry
-from privlm.telemetry.instruments import Instruments
-from privlm.telemetry.receiver import create_receiver
-from privlm.telemetry.report import critical_path, main, percentile
-from privlm.telemetry.spanstore import read_store
+
+from privlm.base.telemetry import TelemetryConfig, client_interceptors, setup_telemetry
+from privlm.base.telemetry.instruments import Instruments
+from privlm.base.telemetry.receiver import create_receiver
+from privlm.base.telemetry.report import critical_path, main, percentile
+from privlm.base.telemetry.spanstore import read_store
 from privlm.v1 import inference_pb2, inference_pb2_grpc
 
 N_REQUESTS = 6

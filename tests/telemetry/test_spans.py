@@ -11,8 +11,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from privlm.telemetry.instruments import Instruments
-from privlm.telemetry.spans import GenerationSpan, RequestTimeline
+from privlm.base.telemetry.instruments import Instruments
+from privlm.base.telemetry.spans import GenerationSpan, RequestTimeline
 
 
 @pytest.fixture
@@ -95,7 +95,7 @@ def test_request_timeline_spans_are_ordered(env):
 
 
 def test_he_operation_span_and_histogram(env):
-    from privlm.telemetry.spans import he_operation
+    from privlm.base.telemetry.spans import he_operation
 
     tracer, exporter, reader, inst = env
     with he_operation("ckks.dot", tracer, inst, vector_size=4096):

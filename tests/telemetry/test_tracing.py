@@ -9,13 +9,12 @@ import sys
 from pathlib import Path
 
 import grpc
-import pytest
+from obs_chain import start_gateway
 
-from obs_chain import start_gateway, start_worker
-from privlm.telemetry import TelemetryConfig, client_interceptors, setup_telemetry
-from privlm.telemetry.instruments import Instruments
-from privlm.telemetry.receiver import create_receiver
-from privlm.telemetry.spanstore import read_store
+from privlm.base.telemetry import TelemetryConfig, client_interceptors, setup_telemetry
+from privlm.base.telemetry.instruments import Instruments
+from privlm.base.telemetry.receiver import create_receiver
+from privlm.base.telemetry.spanstore import read_store
 from privlm.v1 import inference_pb2, inference_pb2_grpc
 
 HERE = Path(__file__).resolve().parent
@@ -112,11 +111,11 @@ def test_receiver_store_survives_torn_line(tmp_path):
 
 
 def test_standalone_receiver_process(tmp_path):
-    """`python -m privlm.telemetry.receiver` (what `privlm up` runs): stores spans, stops on SIGTERM."""
+    """`python -m privlm.base.telemetry.receiver` (what `privlm up` runs): stores spans, stops on SIGTERM."""
     import signal
 
     store = tmp_path / "traces" / "spans.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "privlm.telemetry.receiver", "--store", str(store), "--port", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "privlm.base.telemetry.receiver", "--store", str(store), "--port", "0"],
                             stdout=subprocess.PIPE, cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         info = json.loads(proc.stdout.readline())
@@ -139,8 +138,8 @@ def test_bidi_stream_spans_end_with_the_call():
     if the caller stops reading early, and the server span is its child."""
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from privlm.grpcserver import new_server
-    from privlm.telemetry import server_interceptors
+    from privlm.base.grpcserver import new_server
+    from privlm.base.telemetry import server_interceptors
 
     memory = InMemorySpanExporter()
     tel = setup_telemetry(TelemetryConfig(service_name="privlm-test", export_delay_ms=10), set_global=False,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from privlm.config import ConfigError
+from privlm.base.config import ConfigError
 
 ARCHITECTURES = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM")
 
@@ -160,14 +160,3 @@ class DeepseekConfig:
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
-
-def is_deepseek_folder(path: str | Path) -> bool:
-    """True when the folder's config.json names a DeepSeek-V3/V2 architecture (engine registry hook)."""
-    path = Path(path)
-    cfg = path / "config.json" if path.is_dir() else path
-    try:
-        d = json.loads(cfg.read_text())
-    except (OSError, ValueError):
-        return False
-    return d.get("model_type") in ("deepseek_v3",) or any(
-        a in ARCHITECTURES[:1] for a in d.get("architectures") or [])

@@ -236,7 +236,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         ep = self.comm.size
         out = imbalance(counts, ep)
         if self.placement:
-            from .balance import max_over_mean, rank_loads, contiguous
+            from .balance import contiguous, max_over_mean, rank_loads
 
             moe = [i for i, l in enumerate(self.model.layers) if l.is_moe]
             E = self.cfg.n_routed_experts

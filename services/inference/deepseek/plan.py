@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from privlm.config import ConfigError
+from privlm.base.config import ConfigError
 
 from .config import ARCHITECTURES, DeepseekConfig
 from .params import rank_shape, scale_shape, tensor_specs

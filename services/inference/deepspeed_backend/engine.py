@@ -16,11 +16,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from privlm.config import ConfigError
+from privlm.base.config import ConfigError
 
 from ..config import EngineConfig
-from ..types import (EngineStats, EngineUnavailable, EngineOverloaded, EventCallback, FinishReason,
-                     GenerationRequest, InvalidRequest, ModelInfo, TokenEvent)
+from ..types import (
+    EngineOverloaded,
+    EngineStats,
+    EngineUnavailable,
+    EventCallback,
+    FinishReason,
+    GenerationRequest,
+    InvalidRequest,
+    ModelInfo,
+    TokenEvent,
+)
 from .launch import GroupFailed, RankGroup
 from .plan import Prefill, Ready, StepPlan
 

@@ -43,8 +43,8 @@ def _eos_ids(model) -> tuple[int, ...]:
 
 
 def _load(cfg: dict, rank: int, world: int):
-    import torch
     import deepspeed
+    import torch
     from transformers import AutoModelForCausalLM
 
     dtype = getattr(torch, DTYPES[cfg["dtype"]])
@@ -79,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     conn = Connection(args.conn_fd) if rank == 0 else None
     t0 = time.perf_counter()
     try:
+        import deepspeed
         import torch
         import torch.distributed as dist
-        import deepspeed
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         cuda = cfg["device"] == "cuda"

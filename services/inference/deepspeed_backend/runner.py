@@ -156,7 +156,7 @@ class BatchRunner:
     def _decode(self, feed: dict[str, int]) -> dict[str, int]:
         if set(feed) != set(self.rows):
             raise RuntimeError(f"plan decodes {len(feed)} rows but the batch holds {len(self.rows)}")
-        b, w = len(self.rows), self.width
+        w = self.width
         ids = torch.tensor([[feed[rid]] for rid in self.rows], dtype=torch.long, device=self.device)  # [B, 1]
         pad = torch.tensor(self.pad, device=self.device)
         cols = torch.arange(w + 1, device=self.device)

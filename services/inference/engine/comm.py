@@ -40,10 +40,6 @@ class Comm:
             pg = dist.ProcessGroupNCCL(dist.PrefixStore("privlm_tp", store), rank, size, opts)
         return cls(rank, size, pg, store, device, cpu_pg, timeout_s)
 
-    @property
-    def is_driver(self) -> bool:
-        return self.rank == 0
-
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """In-place sum across ranks."""
         if self.size > 1:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from privlm.config import cache_dir
+from privlm.base.config import cache_dir
 
 log = logging.getLogger(__name__)
 _SRC = Path(__file__).resolve().parent / "csrc" / "decode_cpu.cpp"

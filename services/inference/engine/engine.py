@@ -58,7 +58,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, runner: ModelRunner, group=None, thread: ComputeThread | None = None):
         """thread: the thread that built the runner; the step loop runs on it (see compute_thread.py)."""
         self.config, self.runner, self.group = config, runner, group
-        from privlm.telemetry import instruments  # no-op meters unless the process set up telemetry
+        from privlm.base.telemetry import instruments  # no-op meters unless the process set up telemetry
 
         self._instruments = instruments.get()
         hf = runner.hf_config

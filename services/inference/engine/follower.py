@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
-from privlm.config import from_mapping
+from privlm.base.config import from_mapping
 from services.inference.config import EngineConfig
 from services.inference.engine.launch import run_follower
 

@@ -102,17 +102,6 @@ class _Linear(nn.Module):
         return _matmul(self, x, self.bias)
 
 
-class ColumnParallelLinear(_Linear):
-    """Output features split across ranks; output stays sharded (no communication)."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool, comm: Comm, dtype, device):
-        self.start, self.local = partition(out_features, comm.size, comm.rank)
-        super().__init__(self.local, in_features, bias, comm, dtype, device)
-
-    def weight_loader(self, param, src, shard_id=None):
-        param.data.copy_(_read(src, 0, self.start, self.local))
-
-
 class MergedColumnParallelLinear(_Linear):
     """Several column-parallel projections of the same input fused in one matmul (gate+up)."""
 

@@ -19,6 +19,7 @@ MODELS: dict[str, type] = {
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
 }
 from services.inference.deepseek.model import DeepseekV3ForCausalLM  # noqa: E402 (owned by services/inference/deepseek)
+
 MODELS["DeepseekV3ForCausalLM"] = DeepseekV3ForCausalLM
 
 

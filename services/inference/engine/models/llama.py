@@ -11,9 +11,14 @@ from torch import nn
 from services.inference.engine import ops, triton_ops
 from services.inference.engine.attention import AttnMetadata, paged_attention
 from services.inference.engine.comm import Comm
-from services.inference.engine.layers import (MergedColumnParallelLinear, ParallelLMHead,
-                                              QKVParallelLinear, RMSNorm, RowParallelLinear,
-                                              VocabParallelEmbedding)
+from services.inference.engine.layers import (
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RMSNorm,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 from services.inference.engine.rope import RotaryEmbedding
 
 

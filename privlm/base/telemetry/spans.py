@@ -17,7 +17,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from privlm.telemetry import instruments as I
+from privlm.base.telemetry import instruments as I
 
 
 def _sampling_attrs(max_tokens, temperature, top_p, top_k) -> dict:

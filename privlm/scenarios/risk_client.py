@@ -24,9 +24,9 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from enclave import evidence as ev
 from enclave.attestation.policy import Policy
 from enclave.client import bundle_from_pb
-from enclave.hpke import ResponseOpener, SealError, SealedMessage, seal
+from enclave.hpke import ResponseOpener, SealedMessage, SealError, seal
 from enclave.key_release import KeyBroker
-from gateway.scenarios.risk_seal import MEMO_LABEL, SESSION_LABEL
+from privlm.scenarios.risk_seal import MEMO_LABEL, SESSION_LABEL
 from privlm.v1 import enclave_pb2, enclave_pb2_grpc, risk_pb2, risk_pb2_grpc
 from services.he.keys import BankKeys
 

@@ -15,8 +15,8 @@ import urllib.request
 from collections import defaultdict
 from typing import Iterable
 
-from privlm.telemetry import instruments as I
-from privlm.telemetry.spanstore import read_store, records_from_jaeger
+from privlm.base.telemetry import instruments as I
+from privlm.base.telemetry.spanstore import read_store, records_from_jaeger
 
 PCTS = (50, 95, 99)
 
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     args = ap.parse_args(argv)
     if not args.jaeger and not args.store:
-        from privlm.telemetry.receiver import default_store_path
+        from privlm.base.telemetry.receiver import default_store_path
 
         args.store = str(default_store_path())
     try:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from gateway.scenarios.finreport import Report, analysis_messages, build_report
+from privlm.scenarios.finreport import Report, analysis_messages, build_report
 from privlm.v1 import inference_pb2 as pb
 from privlm.v1 import inference_pb2_grpc as pb_grpc
 
@@ -64,12 +64,12 @@ async def _run(args) -> int:
     stack = None
     metadata = ()
     if args.target:
-        from gateway.scenarios.connect import open_target
+        from privlm.scenarios.connect import open_target
 
         channel, metadata = open_target(args)
     else:
-        from gateway.scenarios.stack import ScenarioStack
         from privlm.model_prep import prepare
+        from privlm.scenarios.stack import ScenarioStack
 
         print("starting a worker group and a gateway in this process (127.0.0.1, port 0)...", file=sys.stderr)
         stack = await ScenarioStack.start(prepare(log=lambda *a: None), dtype=args.dtype)
@@ -95,7 +95,7 @@ async def _run(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="privlm demo report",
                                  description="Analyse a ~5k-token synthetic financial report through the gateway.")
-    from gateway.scenarios.connect import add_target_args
+    from privlm.scenarios.connect import add_target_args
 
     add_target_args(ap)
     ap.add_argument("--model", default="")

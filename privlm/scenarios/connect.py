@@ -20,9 +20,9 @@ def add_target_args(ap) -> None:
 
 def open_target(args) -> tuple[grpc.aio.Channel, tuple[tuple[str, str], ...]]:
     """(aio channel to args.target, auth metadata)."""
+    from privlm.base.config import cache_dir
+    from privlm.base.transport import TransportConfig
     from privlm.client_cli import auth_metadata
-    from privlm.config import cache_dir
-    from privlm.transport import TransportConfig
 
     profile_path = cache_dir() / "run" / "endpoint.json"
     profile = json.loads(profile_path.read_text()) if profile_path.is_file() else {}

@@ -17,16 +17,16 @@ from pathlib import Path
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from privlm.grpcserver import SERVING, add_health_and_reflection, bind, new_server
-from privlm.telemetry.spanstore import records_from_otlp
+from privlm.base.grpcserver import SERVING, add_health_and_reflection, bind, new_server
+from privlm.base.telemetry.spanstore import records_from_otlp
 
-log = logging.getLogger("privlm.telemetry.receiver")
+log = logging.getLogger("privlm.base.telemetry.receiver")
 SERVICE_NAME = "opentelemetry.proto.collector.trace.v1.TraceService"
 
 
 def default_store_path() -> Path:
     """Where `privlm up`'s embedded receiver keeps spans (git-ignored cache)."""
-    from privlm.config import cache_dir
+    from privlm.base.config import cache_dir
 
     return cache_dir() / "traces" / "spans.jsonl"
 
@@ -35,7 +35,7 @@ def receiver_argv(store: str | Path, port: int, host: str = "127.0.0.1") -> list
     """The command line that runs the receiver as its own process (for `privlm up`)."""
     import sys
 
-    return [sys.executable, "-m", "privlm.telemetry.receiver", "--store", str(store), "--host", host,
+    return [sys.executable, "-m", "privlm.base.telemetry.receiver", "--store", str(store), "--host", host,
             "--port", str(port)]
 
 

@@ -20,10 +20,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
-from privlm.telemetry.config import TelemetryConfig
-from privlm.telemetry.redact import RedactingSpanExporter
+from privlm.base.telemetry.config import TelemetryConfig
+from privlm.base.telemetry.redact import RedactingSpanExporter
 
-log = logging.getLogger("privlm.telemetry")
+log = logging.getLogger("privlm.base.telemetry")
 
 
 @dataclass
@@ -113,8 +113,8 @@ def init_service(config: TelemetryConfig, *, utilization=None) -> Telemetry:
     handler, and a utilisation source for privlm_accelerator_utilization (default: this process's
     CPU share; a GPU worker passes GpuUtilization(device_index)).
     """
-    from privlm.telemetry import instruments
-    from privlm.telemetry.redact import install_log_redaction
+    from privlm.base.telemetry import instruments
+    from privlm.base.telemetry.redact import install_log_redaction
 
     telemetry = setup_telemetry(config)
     install_log_redaction()

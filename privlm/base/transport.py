@@ -1,4 +1,4 @@
-"""How services reach each other: mTLS with the private CA (enclave/certs.py), or plaintext only
+"""How services reach each other: mTLS with the private CA (privlm/base/certs.py), or plaintext only
 behind an explicit development flag that warns. No silent fallback from one to the other."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from privlm.config import check
+from privlm.base.config import check
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,7 @@ class TransportConfig:
               "transport: set tls_dir (mTLS, `privlm certs --out DIR`) or plaintext_dev (development), exactly one")
 
     def server_credentials(self, service: str) -> grpc.ServerCredentials | None:
-        from enclave import certs
+        from privlm.base import certs
 
         if self.plaintext_dev:
             certs.dev_plaintext_warning(service)
@@ -28,7 +28,7 @@ class TransportConfig:
 
     def channel_credentials(self, service: str) -> grpc.ChannelCredentials | None:
         """Credentials presenting `service`'s certificate, or None in plaintext development mode."""
-        from enclave import certs
+        from privlm.base import certs
 
         return None if self.plaintext_dev else certs.channel_credentials(self.tls_dir, service)
 

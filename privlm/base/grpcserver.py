@@ -11,7 +11,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from privlm.errors import InvalidArgument, status_for
+from privlm.base.errors import InvalidArgument, status_for
 
 log = logging.getLogger("privlm.grpc")
 # A status message travels in the trailer (16 KiB by default, else the caller sees RESOURCE_EXHAUSTED
@@ -38,7 +38,7 @@ def rewrap(handler, wrap_unary, wrap_stream, request_deserializer=_KEEP):
 
 
 class StatusInterceptor(grpc.aio.ServerInterceptor):
-    """Map exceptions escaping a servicer to gRPC status codes, by type (privlm.errors)."""
+    """Map exceptions escaping a servicer to gRPC status codes, by type (privlm.base.errors)."""
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details):
         handler = await continuation(details)

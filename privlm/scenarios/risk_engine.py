@@ -26,12 +26,12 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from enclave.hpke import SealedMessage, SealError
 from enclave.key_release import WrappedSecret, unwrap
 from enclave.runtime import ConfidentialRuntime, sha256_hex
-from gateway.scenarios.risk_config import RiskConfig
-from gateway.scenarios.risk_seal import MEMO_LABEL, SESSION_LABEL, open_labeled
 from gateway.service import GatewayService, GenerateInput
-from privlm.errors import FailedPrecondition, InvalidArgument, PermissionDenied
-from privlm.telemetry import instruments as I
-from privlm.telemetry.spans import GenerationSpan
+from privlm.base.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from privlm.base.telemetry import instruments as I
+from privlm.base.telemetry.spans import GenerationSpan
+from privlm.scenarios.risk_config import RiskConfig
+from privlm.scenarios.risk_seal import MEMO_LABEL, SESSION_LABEL, open_labeled
 from services.he.keys import BankKeys, KeyMismatch
 from services.he.params import context_id as he_context_id
 
@@ -351,7 +351,7 @@ def _status(exc: BaseException) -> tuple[str, str]:
     code = getattr(exc, "code", None)
     if callable(code):                                   # grpc.aio.AioRpcError
         return code().name, ""
-    from privlm.errors import status_for
+    from privlm.base.errors import status_for
 
     sc, msg = status_for(exc)
     return sc.name, msg

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from privlm.telemetry import instruments as I
-from privlm.telemetry.report import PCTS, percentile, summarize
-from privlm.telemetry.spanstore import read_store
+from privlm.base.telemetry import instruments as I
+from privlm.base.telemetry.report import PCTS, summarize
+from privlm.base.telemetry.spanstore import read_store
 
 GENERATE_STREAM = "/privlm.v1.Inference/GenerateStream"
 
@@ -225,7 +225,7 @@ def _connection(args):
     """(target, open_channel): explicit flags win, else the profile `privlm up` wrote, else an error."""
     target, tls_dir, plaintext = args.target, args.tls_dir, args.plaintext_dev
     if not (tls_dir or plaintext):
-        from privlm.config import cache_dir
+        from privlm.base.config import cache_dir
 
         profile_path = cache_dir() / "run" / "endpoint.json"
         if not profile_path.is_file():
@@ -237,7 +237,7 @@ def _connection(args):
         raise SystemExit("privlm bench load: --target is required")
     if plaintext:
         return target, None
-    from privlm.transport import TransportConfig
+    from privlm.base.transport import TransportConfig
 
     transport = TransportConfig(tls_dir=tls_dir)
     return target, lambda t: transport.aio_channel(t, "client")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from privlm.config import check
+from privlm.base.config import check
 
 
 @dataclass(frozen=True)
@@ -13,7 +13,7 @@ class TelemetryConfig:
     otlp_endpoint: "host:port" of an OTLP/gRPC collector (Jaeger listens on 4317); None disables span
     export (spans are still created, so trace context keeps propagating to the next hop).
     metrics_port: Prometheus scrape port (0 picks a free one, None disables the endpoint).
-    span_store: JSONL file the embedded receiver (privlm.telemetry.receiver) appends to; only used by
+    span_store: JSONL file the embedded receiver (privlm.base.telemetry.receiver) appends to; only used by
     the process that runs the receiver (`privlm up` when no otlp_endpoint is configured).
     """
     service_name: str

@@ -1,6 +1,6 @@
 """Domain exceptions and the one place they map to gRPC status codes.
 
-Engines and services raise these; `StatusInterceptor` (privlm.grpcserver) turns them into statuses
+Engines and services raise these; `StatusInterceptor` (privlm.base.grpcserver) turns them into statuses
 with the exception's message, which must be something a caller can act on (name the field). A
 message quotes a client's string only through `echo` (a short escaped prefix), and an error a
 backend returned reaches the public API only through `upstream_failure` (no backend internals).
@@ -76,16 +76,14 @@ def upstream_failure(exc: PrivlmError, backend: str, ref: str) -> PrivlmError:
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status for an exception raised below a servicer."""
+    """The gRPC status for an exception raised below a servicer; anything outside the family is
+    INTERNAL with no detail (the detail goes to the server log)."""
     if isinstance(exc, PrivlmError):
-        return exc.code, str(exc)
-    # Engine-level exceptions are torch-free and grpc-free; map them by type name here.
-    from services.inference import types as t
-
-    if isinstance(exc, t.InvalidRequest):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, t.EngineOverloaded):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc) or "server overloaded, retry later"
-    if isinstance(exc, t.EngineUnavailable):
-        return grpc.StatusCode.UNAVAILABLE, str(exc) or "worker group unavailable"
+        return exc.code, str(exc) or _DEFAULT_MESSAGE.get(exc.code, "internal error (see server log)")
     return grpc.StatusCode.INTERNAL, "internal error (see server log)"
+
+
+_DEFAULT_MESSAGE = {
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "server overloaded, retry later",
+    grpc.StatusCode.UNAVAILABLE: "worker group unavailable",
+}

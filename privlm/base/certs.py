@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-log = logging.getLogger("privlm.enclave.certs")
+log = logging.getLogger("privlm.certs")
 SERVICES = ("gateway", "worker", "he", "client")
 PLAINTEXT_WARNING = ("PLAINTEXT gRPC (development flag): no TLS, no peer authentication; never use "
                      "this outside a developer machine")
@@ -159,7 +159,7 @@ class PeerIdentityInterceptor(grpc.aio.ServerInterceptor):
                     yield item
             return call
 
-        from privlm.grpcserver import rewrap
+        from privlm.base.grpcserver import rewrap
 
         return rewrap(handler, unary, stream)
 

@@ -1,6 +1,6 @@
 """gRPC aio interceptors: W3C trace context across every hop, RPC metrics by status code.
 
-Pass `server_interceptors()` to privlm.grpcserver.new_server(...) and `client_interceptors()` to
+Pass `server_interceptors()` to privlm.base.grpcserver.new_server(...) and `client_interceptors()` to
 grpc.aio.insecure_channel/secure_channel(..., interceptors=...). Health checks and reflection are
 neither traced nor counted (`privlm up` polls health; those spans would drown the real ones).
 """
@@ -14,7 +14,7 @@ import grpc
 from opentelemetry import propagate, trace
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor, filters
 
-from privlm.telemetry import instruments as _instruments
+from privlm.base.telemetry import instruments as _instruments
 
 _UNTRACED = ("grpc.health.v1.Health", "grpc.reflection.")
 
@@ -96,7 +96,7 @@ class MetricsServerInterceptor(grpc.aio.ServerInterceptor):
                     record(method, _code_name(context, exc), time.perf_counter() - t0)
             return call
 
-        from privlm.grpcserver import rewrap
+        from privlm.base.grpcserver import rewrap
 
         return rewrap(handler, wrap_unary, wrap_stream)
 
@@ -187,5 +187,5 @@ def client_interceptors(tracer_provider: trace.TracerProvider | None = None) -> 
     otel = aio_client_interceptors(tracer_provider=tracer_provider, filter_=traced)
     unary = [i for i in otel if not isinstance(i, (grpc.aio.UnaryStreamClientInterceptor,
                                                      grpc.aio.StreamStreamClientInterceptor))]
-    tracer = trace.get_tracer("privlm.telemetry.grpc", tracer_provider=tracer_provider)
+    tracer = trace.get_tracer("privlm.base.telemetry.grpc", tracer_provider=tracer_provider)
     return [*unary, _UnaryStreamSpan(tracer, traced), _StreamStreamSpan(tracer, traced)]

@@ -14,9 +14,9 @@ import math
 import threading
 from typing import Callable, Sequence
 
-from privlm.telemetry.instruments import Instruments
+from privlm.base.telemetry.instruments import Instruments
 
-log = logging.getLogger("privlm.telemetry.canary")
+log = logging.getLogger("privlm.base.telemetry.canary")
 
 ALERT_THRESHOLD = 0.15   # the deployment guide: alert when perplexity rises > 15% over its baseline
 

@@ -1,17 +1,19 @@
 """`privlm demo risk`: the bank streams synthetic card transactions and prints alerts as they arrive."""
 from __future__ import annotations
 
+import argparse
 import asyncio
+import logging
 import sys
 import time
 
 import numpy as np
 
-from gateway.scenarios.risk_data import transactions
+from privlm.scenarios.risk_data import transactions
 
 
 async def run_demo(args) -> int:
-    from gateway.scenarios.risk_client import RiskClient
+    from privlm.scenarios.risk_client import RiskClient
     from services.he.keys import BankKeys
 
     stack = None
@@ -21,14 +23,14 @@ async def run_demo(args) -> int:
                   file=sys.stderr)
             return 2
         from enclave.attestation.policy import load as load_policy
-        from gateway.scenarios.connect import open_target
+        from privlm.scenarios.connect import open_target
 
         policy = load_policy(args.policy)
         channel, metadata = open_target(args)
         target, tenant = args.target, args.tenant
     else:
-        from gateway.scenarios.stack import ScenarioStack
         from privlm.model_prep import prepare
+        from privlm.scenarios.stack import ScenarioStack
 
         print("starting worker group, gateway (+ RiskAlerts, Confidential), HE service in this process...",
               file=sys.stderr)
@@ -101,3 +103,30 @@ async def run_demo(args) -> int:
         if stack is not None:
             await stack.close()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`privlm demo risk`: stream ~20 synthetic transactions, print decisions and alerts as they arrive."""
+    ap = argparse.ArgumentParser(prog="privlm demo risk", description=main.__doc__)
+    from privlm.scenarios.connect import add_target_args
+
+    add_target_args(ap)     # without --target: worker, gateway, HE service, enclave runtime in-process
+    ap.add_argument("--policy", default="", help="attestation policy file to pin (required with --target)")
+    ap.add_argument("--tenant", default="dev", help="with --target: the tenant your token authenticates as")
+    ap.add_argument("--transactions", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument("--threshold", type=float, default=0.8)
+    ap.add_argument("--max-new-tokens", type=int, default=32, help="explanation length in tokens")
+    ap.add_argument("--rate", type=float, default=4.0, help="transactions per second sent")
+    ap.add_argument("--write-model", default="", metavar="PATH",
+                    help="write the bank's scoring model JSON (for `privlm he --model-file PATH`) and exit")
+    args = ap.parse_args(argv)
+    if args.write_model:
+        from privlm.scenarios.risk_data import DEMO_MODEL_SEED, train_model
+        from services.he.model import save_model
+
+        model = train_model(seed=DEMO_MODEL_SEED)
+        print(f"wrote {save_model(model, args.write_model)} ({model.model_id})")
+        return 0
+    logging.basicConfig(level=logging.WARNING)
+    return asyncio.run(run_demo(args))

@@ -1,22 +1,16 @@
 """RiskConfig: the one typed configuration of the risk-alert stream (frozen, validated, unknown keys
-are errors when loaded through privlm.config.from_mapping)."""
+are errors when loaded through privlm.base.config.from_mapping)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from enclave.config import EnclaveConfig
-from privlm.config import check
-from privlm.transport import TransportConfig
+from privlm.base.config import check
+from privlm.base.transport import TransportConfig
 
 
 @dataclass(frozen=True)
 class RiskConfig:
     he_target: str                                  # host:port of the HE service (privlm.v1.HomomorphicPreprocessor)
-    # The confidential runtime that holds the attested HPKE key. mount_risk_service(runtime=...) shares
-    # the gateway's (recommended: one attested key per process); without one it builds its own from this.
-    enclave: EnclaveConfig | None = None
-    # Without a shared runtime, also mount privlm.v1.Confidential + Audit so banks can attest this one.
-    mount_confidential: bool = True
     he_transport: TransportConfig | None = None     # None: the gateway's own transport (mTLS or plaintext_dev)
     default_threshold: float = 0.8                  # alert probability when the bank's sealed params say 0
     default_explanation_tokens: int = 32

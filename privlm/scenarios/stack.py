@@ -16,7 +16,7 @@ import hashlib
 import tempfile
 from pathlib import Path
 
-from privlm.grpcserver import SERVING
+from privlm.base.grpcserver import SERVING
 
 
 @dataclasses.dataclass
@@ -30,7 +30,7 @@ class ScenarioStack:
     policy: object = None                # enclave.attestation.policy.Policy the bank pins (simulated TEE)
     runtime: object = None               # enclave.runtime.ConfidentialRuntime
     risk_model: object = None            # services.he.model.ScoringModel the bank trained
-    risk: object = None                  # gateway.scenarios.risk.RiskServicer
+    mount: object = None                 # privlm.gateway_app.ConfidentialMount (risk stacks)
     _tmp: object = None
 
     @classmethod
@@ -39,9 +39,10 @@ class ScenarioStack:
                     risk_overrides: dict | None = None) -> "ScenarioStack":
         from gateway.config import GatewayConfig, ModelRoute
         from gateway.server import create_server as create_gateway
+        from privlm.base.transport import PLAINTEXT_DEV
         from services.inference.config import EngineConfig, WorkerServerConfig
-        from privlm.transport import PLAINTEXT_DEV
-        from services.inference.server import build_engine, create_server as create_worker
+        from services.inference.server import build_engine
+        from services.inference.server import create_server as create_worker
 
         tmp = None
         if workdir is None:
@@ -60,20 +61,20 @@ class ScenarioStack:
         await whealth.set("", SERVING)
         servers.append(worker)
         stack = cls("", None, engine, servers, workdir, _tmp=tmp)
-        extra = None
+        mounts = []
         if risk:
             await stack._start_risk_backends(model_dir, tracer_provider)
-            extra = stack._risk_mounter(model_dir, tracer_provider, risk_overrides or {})
+            mounts.append(stack._risk_mount(model_dir, tracer_provider, risk_overrides or {}))
         gcfg = GatewayConfig(models=(ModelRoute(str(model_dir), f"127.0.0.1:{wport}"),), transport=PLAINTEXT_DEV,
                              allow_anonymous=True)
-        gateway, gport, service, _ = await create_gateway(gcfg, srv_ic, cli_ic, extra_services=extra)
+        gateway, gport, service, _ = await create_gateway(gcfg, srv_ic, cli_ic, mounts)
         await gateway.start()
         servers.append(gateway)
         stack.target, stack.service = f"127.0.0.1:{gport}", service
         return stack
 
     async def _start_risk_backends(self, model_dir, tracer_provider) -> None:
-        from gateway.scenarios.risk_data import DEMO_MODEL_SEED, train_model
+        from privlm.scenarios.risk_data import DEMO_MODEL_SEED, train_model
         from services.he.config import HEServiceConfig
         from services.he.model import save_model
 
@@ -85,12 +86,13 @@ class ScenarioStack:
         self.servers.append(he_server)
         self.he_target = f"127.0.0.1:{he_port}"
 
-    def _risk_mounter(self, model_dir, tracer_provider, overrides: dict):
+    def _risk_mount(self, model_dir, tracer_provider, overrides: dict):
         from enclave.attestation import policy as pol
         from enclave.attestation.simulated import load_or_create_root, public_hex
         from enclave.config import EnclaveConfig
         from enclave.runtime import ConfidentialRuntime
-        from gateway.scenarios.risk import RiskConfig, mount_risk_service
+        from privlm.gateway_app import ConfidentialMount
+        from privlm.scenarios.risk import RiskConfig
 
         # Simulated TEE (no hardware here): the measurement covers the model files' names and sizes
         # only, to keep start-up fast; `privlm measure` is the real, full one.
@@ -101,24 +103,13 @@ class ScenarioStack:
         self.runtime = ConfidentialRuntime(ecfg)
         root = public_hex(load_or_create_root(self.workdir / "keys"))
         self.policy = pol.development([digest], root, audit_public_key_pem=_audit_pem(self.runtime))
-        rcfg = RiskConfig(he_target=self.he_target, enclave=ecfg, **overrides)
-
-        def mount(server, generate_stream):
-            # create_server hands over the Inference servicer's bound GenerateStream; its service
-            # is the GatewayService the risk stream generates explanations with.
-            # The integrator's wiring: Confidential + Audit on the gateway, the risk stream sharing its runtime.
-            from enclave.gateway_mount import mount as mount_confidential
-
-            service = generate_stream.__self__.service
-            names = mount_confidential(server, generate_stream, ecfg, runtime=self.runtime).names
-            names += mount_risk_service(server, service, rcfg, runtime=self.runtime, tracer_provider=tracer_provider)
-            self.risk = server.privlm_risk
-            return names
-        return mount
+        self.mount = ConfidentialMount(ecfg, RiskConfig(he_target=self.he_target, **overrides), runtime=self.runtime,
+                                       tracer_provider=tracer_provider)
+        return self.mount
 
     async def close(self) -> None:
-        if self.risk is not None:
-            await self.risk.close()
+        if self.mount is not None:
+            await self.mount.close()
         for server in reversed(self.servers):
             await server.stop(1)
             servicer = getattr(server, "privlm_servicer", None)
@@ -135,7 +126,7 @@ def _interceptors(tracer_provider):
     """(server, client) interceptors: traced when a tracer provider is given, else none."""
     if tracer_provider is None:
         return (), ()
-    from privlm.telemetry import client_interceptors, server_interceptors
+    from privlm.base.telemetry import client_interceptors, server_interceptors
 
     return server_interceptors(tracer_provider), client_interceptors(tracer_provider)
 

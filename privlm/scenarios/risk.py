@@ -3,17 +3,13 @@
 Thin servicer: protobuf <-> risk_engine objects; responses sealed in stream order with the session's
 HPKE-exported keys. The HE service is reached over gRPC (GrpcHELink) with trace context propagated.
 
-Wiring (the gateway's create_server(extra_services=...)):
+Wiring: privlm.gateway_app.ConfidentialMount(enclave_config, risk_config) mounts Confidential + Audit
+and then this stream, sharing one attested runtime.
 
-    def extra(server, generate_stream):
-        m = enclave.gateway_mount.mount(server, generate_stream, enclave_config)   # Confidential + Audit
-        return m.names + mount_risk_service(server, service, risk_config, runtime=m.runtime)
-
-`privlm demo risk` (main below) runs the whole chain in one process, or against --target.
+`privlm demo risk` (risk_demo.py) runs the whole chain in one process, or against --target.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 
@@ -23,14 +19,24 @@ from opentelemetry import trace
 
 from enclave.hpke import ResponseSealer, SealedMessage
 from enclave.runtime import ConfidentialRuntime
-from gateway.scenarios.risk_config import RiskConfig
-from gateway.scenarios.risk_engine import (Decision, Explanation, HEError, HEScore, ModelInfo, RiskEngine, SessionEnd,
-                                           SessionOpen, TransactionIn, TxError)
 from gateway.service import GatewayService
-from privlm.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from privlm.base.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from privlm.scenarios.risk_config import RiskConfig
+from privlm.scenarios.risk_engine import (
+    Decision,
+    Explanation,
+    HEError,
+    HEScore,
+    ModelInfo,
+    RiskEngine,
+    SessionEnd,
+    SessionOpen,
+    TransactionIn,
+    TxError,
+)
 from privlm.v1 import he_pb2, he_pb2_grpc, risk_pb2, risk_pb2_grpc
 
-__all__ = ["RiskConfig", "RiskServicer", "mount_risk_service", "main", "SERVICE_NAME"]
+__all__ = ["RiskConfig", "RiskServicer", "mount_risk_service", "SERVICE_NAME"]
 log = logging.getLogger("privlm.risk")
 SERVICE_NAME = risk_pb2.DESCRIPTOR.services_by_name["RiskAlerts"].full_name
 HE_TENANT_KEY = "x-privlm-tenant"
@@ -55,7 +61,7 @@ class GrpcHELink:
     """The HE service over gRPC (aio), as risk_engine.HELink."""
 
     def __init__(self, config: RiskConfig, transport, tracer_provider=None):
-        from privlm.telemetry import client_interceptors
+        from privlm.base.telemetry import client_interceptors
 
         self.channel = transport.aio_channel(config.he_target, "gateway", client_interceptors(tracer_provider),
                                              options=[("grpc.max_send_message_length", 64 << 20),
@@ -129,6 +135,8 @@ def event_pb(ev) -> risk_pb2.RiskEvent:
 
 
 class RiskServicer(risk_pb2_grpc.RiskAlertsServicer):
+    service_name = SERVICE_NAME
+
     def __init__(self, engine: RiskEngine, config: RiskConfig, he: GrpcHELink):
         self.engine = engine
         self.config = config
@@ -228,63 +236,14 @@ class RiskServicer(risk_pb2_grpc.RiskAlertsServicer):
 
 
 def mount_risk_service(server: grpc.aio.Server, service: GatewayService, config: RiskConfig, *,
-                       runtime: ConfidentialRuntime | None = None, generate_stream=None,
-                       tracer_provider=None) -> list[str]:
-    """Register privlm.v1.RiskAlerts on `server`; returns the full service names it added.
+                       runtime: ConfidentialRuntime, tracer_provider=None) -> RiskServicer:
+    """Register privlm.v1.RiskAlerts on `server` and return its servicer (close() closes the HE channel).
 
-    runtime: the gateway's ConfidentialRuntime (enclave.gateway_mount.mount(...).runtime), so the key
-    banks attest with GetEvidence is the one that opens their released keys. Without it, one is built
-    from config.enclave, and (config.mount_confidential) privlm.v1.Confidential + Audit are mounted
-    too, over `generate_stream` (default: the Inference servicer's GenerateStream over `service`).
-    The servicer is reachable as `server.privlm_risk` (its close() closes the HE channel).
+    runtime: the gateway's ConfidentialRuntime, so the key banks attest with GetEvidence is the one
+    that opens their released keys.
     """
-    names: list[str] = []
-    if runtime is None:
-        if config.enclave is None:
-            raise FailedPrecondition("risk: pass the gateway's ConfidentialRuntime or set RiskConfig.enclave")
-        if config.mount_confidential:
-            from enclave.gateway_mount import mount
-
-            if generate_stream is None:
-                from gateway.server import InferenceServicer
-
-                generate_stream = InferenceServicer(service).GenerateStream
-            mounted = mount(server, generate_stream, config.enclave)
-            runtime, names = mounted.runtime, list(mounted.names)
-        else:
-            runtime = ConfidentialRuntime(config.enclave)
     tracer = (tracer_provider or trace.get_tracer_provider()).get_tracer("privlm.risk")
     he = GrpcHELink(config, config.he_transport or service.config.transport, tracer_provider)
     servicer = RiskServicer(RiskEngine(runtime, service, he, config, tracer), config, he)
     risk_pb2_grpc.add_RiskAlertsServicer_to_server(servicer, server)
-    server.privlm_risk = servicer
-    return names + [SERVICE_NAME]
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`privlm demo risk`: stream ~20 synthetic transactions, print decisions and alerts as they arrive."""
-    from gateway.scenarios.risk_demo import run_demo
-
-    ap = argparse.ArgumentParser(prog="privlm demo risk", description=main.__doc__)
-    from gateway.scenarios.connect import add_target_args
-
-    add_target_args(ap)     # without --target: worker, gateway, HE service, enclave runtime in-process
-    ap.add_argument("--policy", default="", help="attestation policy file to pin (required with --target)")
-    ap.add_argument("--tenant", default="dev", help="with --target: the tenant your token authenticates as")
-    ap.add_argument("--transactions", type=int, default=20)
-    ap.add_argument("--seed", type=int, default=3)
-    ap.add_argument("--threshold", type=float, default=0.8)
-    ap.add_argument("--max-new-tokens", type=int, default=32, help="explanation length in tokens")
-    ap.add_argument("--rate", type=float, default=4.0, help="transactions per second sent")
-    ap.add_argument("--write-model", default="", metavar="PATH",
-                    help="write the bank's scoring model JSON (for `privlm he --model-file PATH`) and exit")
-    args = ap.parse_args(argv)
-    if args.write_model:
-        from gateway.scenarios.risk_data import DEMO_MODEL_SEED, train_model
-        from services.he.model import save_model
-
-        model = train_model(seed=DEMO_MODEL_SEED)
-        print(f"wrote {save_model(model, args.write_model)} ({model.model_id})")
-        return 0
-    logging.basicConfig(level=logging.WARNING)
-    return asyncio.run(run_demo(args))
+    return servicer
