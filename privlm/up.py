@@ -344,7 +344,7 @@ def supervise(children: list[Child], log_dir: Path, args, stop_requested: list, 
               period: float = 1.0, unhealthy_checks: int = 3) -> None:
     """Wait for a stop signal. A service that exits, or that stays NOT_SERVING (a worker group whose
     rank died) for `unhealthy_checks` checks in a row, is restarted on the same port, so the
-    gateway's channel reconnects to it."""
+    gateway's channel reconnects to it. The gateway is restarted only when it exits or stops answering."""
     bad = {c.name: 0 for c in children}
     while not stop_requested:
         time.sleep(period)
@@ -353,7 +353,11 @@ def supervise(children: list[Child], log_dir: Path, args, stop_requested: list, 
                 return
             if child.alive():
                 status = health_status(child, transport)
-                bad[child.name] = 0 if status == health_pb2.HealthCheckResponse.SERVING else bad[child.name] + 1
+                # The gateway's health follows its worker groups: NOT_SERVING there means "no worker
+                # answers" (restarted on its own), so only a gateway that stops answering is restarted.
+                ok = (health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING) \
+                    if child.name == "gateway" else (health_pb2.HealthCheckResponse.SERVING,)
+                bad[child.name] = 0 if status in ok else bad[child.name] + 1
                 if bad[child.name] < unhealthy_checks:
                     continue
                 log.error("%s is not SERVING (%d checks); restarting it", child.name, bad[child.name])
