@@ -16,8 +16,8 @@ a rank's own slot holds its count of calls for that row). Each call, a rank writ
 into its slot on every peer (a system-scope release exchange whose result is not waited for: no
 NVLink round trip) and waits until each peer's slot on its own buffer has reached that count
 (acquire loads of local memory). Counts only grow, so a peer that is already one call ahead is
-fine (its next partial goes to the other region), and nothing is reset. Session 3's protocol
-(compare-and-swap 0 -> 1 on the peer, 1 -> 0 by the receiver) waited for a remote round trip.
+fine (its next partial goes to the other region), and nothing is reset. A compare-and-swap
+handshake (0 -> 1 on the peer, 1 -> 0 by the receiver) would wait for a remote round trip per call.
 """
 from __future__ import annotations
 
